@@ -1,0 +1,142 @@
+"""Stateless RDR functions (SPEC §2), each a thin validated wrapper over the custom ops.
+
+Shapes: B samples, C classes, K feature width. Labels are int64 in [0, C).
+Features and logits may be float64, float32, bfloat16 or float16; everything but
+float64 is computed in float32. Weights never carry gradient.
+
+Data checks (label range, NaN/Inf) run when ``validate`` is True, or when it is None
+and the inputs are on the CPU; on a GPU the default skips them to avoid a host sync.
+Shape, dtype and device checks always run.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks, ops  # noqa: F401  (ops registers the custom ops)
+from . import torch_impl
+
+REWEIGHT_MODES = ("none", "inv_freq", "cb", "rdr")
+BASE_LOSSES = ("ce", "focal", "la")
+
+
+def class_factors(class_counts, reweight: str = "rdr", beta: float = 0.9999) -> torch.Tensor:
+    """The per-class factor of the weights: N/n_c (rdr, inv_freq), CB's (1−β)/(1−β^{n_c})
+    normalised to sum C (cb), or 1 (none). Returns [C] float64 on the CPU."""
+    _checks.check_choice("reweight", reweight, REWEIGHT_MODES)
+    counts = _checks.as_class_counts(class_counts).to(torch.float64)
+    if reweight in ("rdr", "inv_freq"):
+        return counts.sum() / counts
+    if reweight == "cb":
+        _checks.check_range("beta", beta, 0.0, 1.0, high_open=True)
+        cb = (1 - beta) / (1 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+        return cb * (len(counts) / cb.sum())
+    return torch.ones_like(counts)
+
+
+def log_prior(class_counts) -> torch.Tensor:
+    """log π_c = log(n_c / N), the logit adjustment of LA before τ. [C] float64 on the CPU."""
+    counts = _checks.as_class_counts(class_counts).to(torch.float64)
+    return torch.log(counts / counts.sum())
+
+
+def density_ratios(features, labels, prototypes, seen, ridge: float = 1e-5, validate=None) -> torch.Tensor:
+    """Per-sample density ratios r_j (SPEC §2 step 1), without any state change.
+
+    Arguments:
+        features: [B, K] floating. labels: [B] int64. prototypes: [C, K]. seen: [C] bool.
+    Returns:
+        [B] in the compute dtype (float64 for float64 features, else float32).
+    """
+    _check_state_inputs(features, labels, prototypes, seen, validate)
+    _checks.check_range("ridge", ridge, 0.0, float("inf"), low_open=True)
+    return torch_impl.density_ratios_torch(features, labels, prototypes, seen, ridge)
+
+
+def rdr_weights_and_update(features, labels, prototypes, seen, class_counts, *, reweight: str = "rdr",
+                           temperature: float = 1.0, beta: float = 0.9999, ridge: float = 1e-5,
+                           momentum: float = 0.9, warmup: bool = False, update: bool = True,
+                           validate=None) -> torch.Tensor:
+    """SPEC §2 steps 1, 2 and 4 in one op: weights from the current prototypes, then (if
+    ``update``) the momentum update of ``prototypes`` [C, K] and ``seen`` [C] in place.
+
+    Returns:
+        weights: [B], batch mean 1, detached, in the compute dtype. Ones during warm-up
+        or with reweight="none".
+    """
+    _check_state_inputs(features, labels, prototypes, seen, validate)
+    check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum)
+    factors = class_factors(class_counts, reweight, beta)
+    if len(factors) != len(prototypes):
+        raise ValueError(f"class_counts has {len(factors)} classes but prototypes have {len(prototypes)} rows")
+    return torch.ops.rdr_fast.rdr_weights_and_update(
+        features.detach(), labels, prototypes, seen, factors.to(features.device), float(ridge),
+        float(temperature), float(momentum), reweight == "rdr", reweight == "none" or bool(warmup),
+        bool(update))
+
+
+def weighted_loss(logits, labels, weights, *, base: str = "ce", class_counts=None, tau: float = 1.0,
+                  focal_gamma: float = 1.0, validate=None) -> torch.Tensor:
+    """L = (1/B) Σ_j w_j ℓ_j (SPEC §2 step 3), forward and gradient fused.
+
+    Arguments:
+        logits: [B, C] floating. labels: [B] int64. weights: [B] (no gradient flows into it).
+        base: "ce", "focal" (−(1−p_t)^γ log p_t) or "la" (CE on logits + τ·log π; needs
+        ``class_counts``).
+    Returns:
+        A scalar in the compute dtype; differentiable with respect to ``logits``.
+    """
+    _checks.check_choice("base", base, BASE_LOSSES)
+    _checks.check_logits(logits, logits.shape[1] if logits.dim() == 2 else 0)
+    _checks.check_tensor("weights", weights, 1)
+    _checks.check_floating("weights", weights)
+    data_checks = _checks.wants_data_checks(validate, logits, labels)
+    _checks.check_labels(labels, logits.shape[0], logits.shape[1], data_checks)
+    if weights.shape[0] != logits.shape[0]:
+        raise ValueError(f"weights has {weights.shape[0]} entries but the batch has {logits.shape[0]} samples")
+    _checks.check_same_device(logits=logits, labels=labels, weights=weights)
+    if data_checks:
+        _checks.check_finite("logits", logits)
+    adjust = None
+    if base == "la":
+        if class_counts is None:
+            raise ValueError('base="la" needs class_counts for the logit adjustment τ·log π')
+        adjust = tau * log_prior(class_counts)
+        if len(adjust) != logits.shape[1]:
+            raise ValueError(f"class_counts has {len(adjust)} classes but logits have {logits.shape[1]}")
+        adjust = adjust.to(logits.device)
+    gamma = float(focal_gamma) if base == "focal" else 0.0
+    return _weighted_loss_op(logits, labels, weights, adjust, gamma)
+
+
+def _weighted_loss_op(logits, labels, weights, adjust, focal_gamma: float) -> torch.Tensor:
+    """Call the fused op; the gradient is only computed when autograd will need it."""
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = torch.ops.rdr_fast.weighted_loss(logits, labels, weights.detach(), adjust, focal_gamma,
+                                               compute_grad)
+    return loss
+
+
+def check_hyperparameters(*, temperature=1.0, ridge=1e-5, momentum=0.9, beta=0.9999, focal_gamma=1.0,
+                          tau=1.0) -> None:
+    """ValueError for any out-of-range RDR hyperparameter."""
+    _checks.check_range("temperature", temperature, 0.0, float("inf"))
+    _checks.check_range("ridge", ridge, 0.0, float("inf"), low_open=True)
+    _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    _checks.check_range("beta", beta, 0.0, 1.0, high_open=True)
+    _checks.check_range("focal_gamma", focal_gamma, 0.0, float("inf"))
+    _checks.check_range("tau", tau, -float("inf"), float("inf"), low_open=True, high_open=True)
+
+
+def _check_state_inputs(features, labels, prototypes, seen, validate) -> None:
+    _checks.check_tensor("prototypes", prototypes, 2)
+    _checks.check_floating("prototypes", prototypes)
+    _checks.check_tensor("seen", seen, 1)
+    if seen.dtype != torch.bool or len(seen) != len(prototypes):
+        raise ValueError(f"seen must be a bool tensor of length {len(prototypes)}, "
+                         f"got {seen.dtype} of length {len(seen)}")
+    _checks.check_features(features, prototypes.shape[1])
+    data_checks = _checks.wants_data_checks(validate, features, labels)
+    _checks.check_labels(labels, features.shape[0], len(prototypes), data_checks)
+    _checks.check_same_device(features=features, labels=labels, prototypes=prototypes, seen=seen)
+    if data_checks:
+        _checks.check_finite("features", features)

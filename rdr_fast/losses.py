@@ -1,0 +1,111 @@
+"""RDRLoss: Re-weighting with Density Ratio as an nn.Module (SPEC §2 and §6)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks, functional
+
+
+class RDRLoss(nn.Module):
+    """Loss weighted by class inverse frequency times an on-the-fly density ratio.
+
+    Each training call: density ratios of the batch's (detached) features against the
+    per-class prototypes → weights w (batch mean 1) → L = (1/B) Σ w_j ℓ_j → momentum
+    update of the prototypes. In eval mode the loss uses the current prototypes and no
+    state changes.
+
+    Arguments:
+        class_counts: training count per class, [C] positive integers.
+        feat_dim: K, the width of the features passed to forward.
+        base: "ce", "focal" or "la" (CE on logits + τ·log π; predict with raw logits).
+        reweight: "rdr", "inv_freq" (r ≡ 1), "cb" (class-balanced, β) or "none".
+        momentum: μ of the prototype update P ← μP + (1−μ)·mean.
+        temperature: γ in w = (r·N/n_y)^γ.
+        warmup_steps: training steps with w ≡ 1 (the prototypes still update).
+        tau: LA's τ. focal_gamma: focal's γ_f. beta: CB's β. ridge: the relative ridge
+            of the least-squares systems.
+        validate: data checks (label range, NaN/Inf): None = on CPU inputs only, True =
+            always (forces a host sync on GPU), False = never. Shape, dtype and device
+            checks always run.
+
+    State (buffers, saved by ``state_dict``): ``prototypes`` [C, K] float32, ``seen`` [C]
+    bool, ``step`` (training calls so far), ``class_counts`` [C] int64 (checked on load).
+    ``last_weights`` holds the detached weights of the latest call, for logging.
+    """
+
+    def __init__(self, class_counts, feat_dim: int, base: str = "ce", reweight: str = "rdr",
+                 momentum: float = 0.9, temperature: float = 1.0, warmup_steps: int = 0,
+                 tau: float = 1.0, focal_gamma: float = 1.0, beta: float = 0.9999,
+                 ridge: float = 1e-5, validate: bool | None = None):
+        super().__init__()
+        counts = _checks.as_class_counts(class_counts)
+        _checks.check_choice("base", base, functional.BASE_LOSSES)
+        _checks.check_choice("reweight", reweight, functional.REWEIGHT_MODES)
+        if not isinstance(feat_dim, int) or feat_dim <= 0:
+            raise ValueError(f"feat_dim must be a positive int, got {feat_dim!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+        functional.check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum,
+                                         beta=beta, focal_gamma=focal_gamma, tau=tau)
+        self.base, self.reweight, self.validate = base, reweight, validate
+        self.momentum, self.temperature, self.ridge = float(momentum), float(temperature), float(ridge)
+        self.warmup_steps, self.tau, self.focal_gamma, self.beta = warmup_steps, tau, focal_gamma, beta
+        num_classes = len(counts)
+        self.register_buffer("prototypes", torch.zeros(num_classes, feat_dim))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("class_counts", counts)
+        # Derived from the counts, so not saved; float64 so float64 runs lose nothing.
+        self.register_buffer("class_factors", functional.class_factors(counts, reweight, beta), persistent=False)
+        adjust = tau * functional.log_prior(counts) if base == "la" else None
+        self.register_buffer("logit_adjust", adjust, persistent=False)
+        self.last_weights: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_counts)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.prototypes.shape[1]
+
+    def forward(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """features [B, K], logits [B, C], targets [B] int64 → scalar loss."""
+        self._check_inputs(features, logits, targets)
+        weights = torch.ops.rdr_fast.rdr_weights_and_update(
+            features.detach(), targets, self.prototypes, self.seen, self.class_factors, self.ridge,
+            self.temperature, self.momentum, self.reweight == "rdr", self.reweight == "none",
+            self.training)
+        if self.warmup_steps > 0 and self.reweight != "none":
+            # A tensor comparison, not `if step < warmup`: no host sync, capturable.
+            weights = torch.where(self.step < self.warmup_steps, torch.ones_like(weights), weights)
+        if self.training:
+            self.step.add_(1)
+        self.last_weights = weights.detach()
+        gamma = self.focal_gamma if self.base == "focal" else 0.0
+        return functional._weighted_loss_op(logits, targets, weights, self.logit_adjust, gamma)
+
+    def _check_inputs(self, features, logits, targets) -> None:
+        _checks.check_logits(logits, self.num_classes)
+        _checks.check_features(features, self.feat_dim, batch=logits.shape[0])
+        data_checks = _checks.wants_data_checks(self.validate, features, logits, targets)
+        _checks.check_labels(targets, logits.shape[0], self.num_classes, data_checks)
+        _checks.check_same_device(features=features, logits=logits, targets=targets,
+                                  prototypes=self.prototypes)
+        if data_checks:
+            _checks.check_finite("features", features)
+            _checks.check_finite("logits", logits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "class_counts")
+        if saved is not None and not torch.equal(saved.cpu(), self.class_counts.cpu()):
+            raise ValueError(
+                f"checkpoint has class_counts for {len(saved)} classes (sum {int(saved.sum())}) that differ "
+                f"from this RDRLoss's ({self.num_classes} classes, sum {int(self.class_counts.sum())})")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, base={self.base!r}, "
+                f"reweight={self.reweight!r}, momentum={self.momentum}, temperature={self.temperature}, "
+                f"warmup_steps={self.warmup_steps}")

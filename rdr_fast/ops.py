@@ -1,0 +1,131 @@
+"""The rdr_fast custom ops: schemas, fakes, autograd and per-device dispatch.
+
+Two ops (SPEC §3), defined once here with torch.library:
+
+- ``rdr_fast::rdr_weights_and_update`` — density ratios, weights and the in-place
+  prototype update (steps 1, 2 and 4) in one call. Mutates ``prototypes`` and ``seen``.
+- ``rdr_fast::weighted_loss`` — the weighted loss and its gradient in one pass over the
+  logits (step 3); autograd replays the saved gradient.
+
+Which implementation runs is decided per device at import and recorded in ``BACKENDS``:
+the C++ kernels of ``rdr_fast._C`` on CPU when that extension is built, otherwise the
+vectorised PyTorch path of ``rdr_fast.torch_impl``. ``RDR_FAST_IMPL=torch`` forces the
+PyTorch path and ``RDR_FAST_IMPL=reference`` the per-class reference loop (CPU only),
+for A/B runs.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import torch_impl
+
+LIB = torch.library.Library("rdr_fast", "FRAGMENT")
+LIB.define(
+    "rdr_weights_and_update(Tensor features, Tensor labels, Tensor(a!) prototypes, Tensor(b!) seen, "
+    "Tensor class_factors, float ridge, float temperature, float momentum, bool use_ratios, "
+    "bool uniform, bool update) -> Tensor"
+)
+LIB.define(
+    "weighted_loss(Tensor logits, Tensor labels, Tensor weights, Tensor? logit_adjust, "
+    "float focal_gamma, bool compute_grad) -> (Tensor, Tensor)"
+)
+
+IMPLS = ("auto", "torch", "reference")
+BACKENDS: dict[str, dict[str, str]] = {"rdr_weights_and_update": {}, "weighted_loss": {}}
+
+
+@torch.library.register_fake("rdr_fast::rdr_weights_and_update")
+def _(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum, use_ratios,
+      uniform, update):
+    torch._check(features.dim() == 2 and labels.dim() == 1 and labels.shape[0] == features.shape[0])
+    torch._check(prototypes.dim() == 2 and prototypes.shape[1] == features.shape[1])
+    return features.new_empty(features.shape[0], dtype=torch_impl.compute_dtype(features.dtype))
+
+
+@torch.library.register_fake("rdr_fast::weighted_loss")
+def _(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
+    torch._check(logits.dim() == 2 and labels.shape[0] == logits.shape[0])
+    loss = logits.new_empty((), dtype=torch_impl.compute_dtype(logits.dtype))
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad_logits,) = ctx.saved_tensors
+    return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd("rdr_fast::weighted_loss", _backward, setup_context=_setup_context)
+
+
+def _weights_reference(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum,
+                       use_ratios, uniform, update):
+    """The reference loop behind the op's signature (CPU only), for RDR_FAST_IMPL=reference."""
+    from . import reference  # imported lazily: the reference never loads at training time
+
+    mode = "none" if uniform else ("rdr" if use_ratios else "inv_freq")
+    ratios = reference.density_ratios_ref(features, labels, prototypes, seen, ridge)
+    factors = class_factors.to(torch.float64)
+    counts = factors.reciprocal()  # N/n_c ∝ 1/n_c: the weights normalise the scale away
+    weights = reference.sample_weights_ref(ratios, labels, counts, mode, temperature)
+    if update:
+        new_protos, new_seen = reference.update_prototypes_ref(prototypes, seen, features, labels, momentum)
+        prototypes.copy_(new_protos)
+        seen.copy_(new_seen)
+    return weights
+
+
+def _loss_reference(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
+    """Reference loss with autograd's gradient, for RDR_FAST_IMPL=reference."""
+    from . import reference
+
+    x = logits.detach().to(torch_impl.compute_dtype(logits.dtype)).requires_grad_(True)
+    adjusted = x if logit_adjust is None else x + logit_adjust.to(x.dtype)
+    base = "ce" if focal_gamma == 0.0 else "focal"
+    losses = reference.per_sample_loss_ref(adjusted, labels, base, focal_gamma=focal_gamma)
+    loss = (weights.to(x.dtype) * losses).sum() / len(labels)
+    if not compute_grad:
+        return loss.detach(), logits.new_empty(0)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad.to(logits.dtype)
+
+
+def _has_compiled_cpu_kernel(name: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rdr_fast::{name}", "CPU")
+
+
+def _register_backends(impl: str) -> None:
+    """Register the fastest available kernel per device and record the choice in BACKENDS."""
+    python_impls = {
+        "torch": {"rdr_weights_and_update": torch_impl.rdr_weights_and_update_torch,
+                  "weighted_loss": torch_impl.weighted_loss_torch},
+        "reference": {"rdr_weights_and_update": _weights_reference, "weighted_loss": _loss_reference},
+    }
+    for name in BACKENDS:
+        if impl == "auto" and _has_compiled_cpu_kernel(name):
+            BACKENDS[name]["cpu"] = "cpp"
+        else:
+            cpu_impl = "reference" if impl == "reference" else "torch"
+            torch.library.register_kernel(f"rdr_fast::{name}", "cpu", python_impls[cpu_impl][name], lib=LIB)
+            BACKENDS[name]["cpu"] = cpu_impl
+        torch.library.register_kernel(f"rdr_fast::{name}", "cuda", python_impls["torch"][name], lib=LIB)
+        BACKENDS[name]["cuda"] = "torch"
+
+
+def _selected_impl() -> str:
+    impl = os.environ.get("RDR_FAST_IMPL", "auto").strip().lower() or "auto"
+    if impl not in IMPLS:
+        warnings.warn(f"RDR_FAST_IMPL={impl!r} is not one of {IMPLS}; using 'auto'", stacklevel=2)
+        impl = "auto"
+    return impl
+
+
+IMPL = _selected_impl()
+_register_backends(IMPL)

@@ -1,0 +1,141 @@
+"""The executable specification of RDR: a readable per-class loop (SPEC §2).
+
+Every fast path in rdr_fast (the vectorised PyTorch path, the C++ and Triton kernels)
+is tested against these functions. They are slow on purpose: a Python loop over the
+classes, one small dense solve per class, no in-place tricks. They work in float64.
+Nothing imports this module at training time.
+
+Choices the paper leaves open, fixed here (and mirrored by every fast path):
+- Ridge: λ_c = ridge · trace(X_c X_cᵀ) / b_c. When a class block is all zeros the
+  trace is 0; λ_c is then taken as 1 (any positive value gives the same answer, r = 0,
+  clamped to 1e-9), so the system is always solvable.
+- System size: the b_c×b_c form is solved when b_c ≤ K, the K×K form otherwise.
+- Precision: the least-squares systems are solved in float64 whatever the input dtype.
+  With a ridge of 1e-5 they are ill-conditioned by design (condition number up to about
+  b_c/ridge on duplicate rows), and a float32 Gram matrix then loses up to 1e-2 of
+  relative accuracy. Everything else follows the compute dtype: float64 inputs stay
+  float64; fp32, bf16 and fp16 are computed in float32 (SPEC: "float32 at least").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+RATIO_FLOOR = 1e-9
+REWEIGHT_MODES = ("none", "inv_freq", "cb", "rdr")
+BASE_LOSSES = ("ce", "focal", "la")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: float) -> torch.Tensor:
+    """r_c = b_c · (X_c X_cᵀ + λ_c I)⁻¹ X_c P_c for one class, before the floor.
+
+    Arguments:
+        x: [b_c, K] the batch's features of class c.
+        proto: [K] the class prototype P_c.
+    Returns:
+        [b_c] the least-squares coefficients times b_c.
+    """
+    b, k = x.shape
+    trace = (x * x).sum()
+    lam = ridge * trace / b if trace > 0 else torch.ones((), dtype=x.dtype)
+    if b <= k:
+        gram = x @ x.T + lam * torch.eye(b, dtype=x.dtype)
+        coef = torch.linalg.solve(gram, x @ proto)
+    else:
+        gram = x.T @ x + lam * torch.eye(k, dtype=x.dtype)
+        coef = x @ torch.linalg.solve(gram, proto)
+    return b * coef
+
+
+def density_ratios_ref(features, labels, prototypes, seen, ridge: float = 1e-5) -> torch.Tensor:
+    """SPEC §2 step 1: one density ratio per sample, [B], in the compute dtype."""
+    z = features.detach().to(torch.float64)
+    protos = prototypes.detach().to(torch.float64)
+    ratios = torch.ones(len(labels), dtype=torch.float64)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        if not bool(seen[c]):
+            continue  # no prototype yet: r = 1
+        r = density_ratio_one_class_ref(z[rows], protos[c], ridge)
+        ratios[rows] = torch.clamp(r, min=RATIO_FLOOR)
+    return ratios.to(compute_dtype(features.dtype))
+
+
+def class_factors_ref(class_counts, reweight: str, beta: float = 0.9999) -> torch.Tensor:
+    """The per-class factor that multiplies the ratio: N/n_c, CB's weight, or 1. [C] float64."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    if reweight in ("rdr", "inv_freq"):
+        return counts.sum() / counts
+    if reweight == "cb":
+        cb = torch.tensor([(1 - beta) / (1 - beta ** n) for n in counts.tolist()], dtype=torch.float64)
+        return cb * len(counts) / cb.sum()
+    return torch.ones_like(counts)
+
+
+def sample_weights_ref(ratios, labels, class_counts, reweight: str = "rdr", temperature: float = 1.0,
+                       beta: float = 0.9999, warmup: bool = False) -> torch.Tensor:
+    """SPEC §2 step 2: w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1. [B]"""
+    batch = len(labels)
+    if reweight == "none" or warmup:
+        return torch.ones(batch, dtype=ratios.dtype)
+    factors = class_factors_ref(class_counts, reweight, beta)
+    weights = torch.empty(batch, dtype=ratios.dtype)
+    for j in range(batch):
+        r = ratios[j] if reweight == "rdr" else 1.0
+        weights[j] = (r * factors[labels[j]].item()) ** temperature
+    return weights * batch / weights.sum()
+
+
+def update_prototypes_ref(prototypes, seen, features, labels, momentum: float = 0.9):
+    """SPEC §2 step 4, out of place: returns (new_prototypes, new_seen)."""
+    protos = prototypes.clone()
+    seen = seen.clone()
+    z = features.detach().to(compute_dtype(features.dtype))
+    for c in labels.unique().tolist():
+        mean = z[labels == c].mean(0).to(protos.dtype)
+        if bool(seen[c]):
+            protos[c] = momentum * protos[c] + (1 - momentum) * mean
+        else:
+            protos[c] = mean
+            seen[c] = True
+    return protos, seen
+
+
+def per_sample_loss_ref(logits, labels, base: str = "ce", class_counts=None, tau: float = 1.0,
+                        focal_gamma: float = 1.0) -> torch.Tensor:
+    """SPEC §2 step 3's ℓ_j, one sample at a time. [B] in the logits' compute dtype."""
+    logits = logits.to(compute_dtype(logits.dtype))
+    if base == "la":
+        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        logits = logits + tau * torch.log(counts / counts.sum()).to(logits.dtype)
+    losses = []
+    for j in range(len(labels)):
+        log_p = F.log_softmax(logits[j], dim=0)[labels[j]]
+        if base == "focal":
+            losses.append(-((1 - log_p.exp()) ** focal_gamma) * log_p)
+        else:
+            losses.append(-log_p)
+    return torch.stack(losses)
+
+
+def rdr_loss_ref(features, logits, labels, prototypes, seen, class_counts, *, base="ce", reweight="rdr",
+                 temperature=1.0, beta=0.9999, tau=1.0, focal_gamma=1.0, ridge=1e-5, momentum=0.9,
+                 warmup=False, update=True):
+    """One whole RDR step (SPEC §2 steps 1-4) as the spec orders them.
+
+    Returns (loss, weights, new_prototypes, new_seen); the state is unchanged when
+    update is False (eval mode).
+    """
+    ratios = density_ratios_ref(features, labels, prototypes, seen, ridge)
+    weights = sample_weights_ref(ratios, labels, class_counts, reweight, temperature, beta, warmup)
+    losses = per_sample_loss_ref(logits, labels, base, class_counts, tau, focal_gamma)
+    loss = (weights.to(losses.dtype) * losses).sum() / len(labels)
+    if update:
+        prototypes, seen = update_prototypes_ref(prototypes, seen, features, labels, momentum)
+    return loss, weights, prototypes, seen
+

@@ -1,0 +1,115 @@
+"""The reference (the executable spec) against independent formulas."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rdr_fast import reference as ref
+
+
+def ridge_lstsq(x, proto, ridge):
+    """argmin_a ‖Xᵀa − P‖² + λ‖a‖², solved as an augmented least-squares problem."""
+    b, k = x.shape
+    trace = (x * x).sum()
+    lam = ridge * trace / b
+    design = torch.cat([x.T, lam.sqrt() * torch.eye(b, dtype=x.dtype)])
+    target = torch.cat([proto, torch.zeros(b, dtype=x.dtype)])
+    return torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+
+
+@pytest.mark.parametrize("b,k", [(1, 5), (4, 16), (16, 16), (40, 8)])
+def test_density_ratio_is_scaled_ridge_least_squares(b, k):
+    x = torch.randn(b, k, dtype=torch.float64)
+    proto = torch.randn(k, dtype=torch.float64)
+    expected = b * ridge_lstsq(x, proto, 1e-5)
+    torch.testing.assert_close(ref.density_ratio_one_class_ref(x, proto, 1e-5), expected, rtol=1e-7, atol=1e-9)
+
+
+def test_density_ratio_of_prototype_in_span_is_exact_combination():
+    # P = mean of the rows and rows independent: coefficients 1/b each, so r = 1 (tiny ridge).
+    x = torch.randn(5, 20, dtype=torch.float64)
+    r = ref.density_ratio_one_class_ref(x, x.mean(0), 1e-12)
+    torch.testing.assert_close(r, torch.ones(5, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_all_zero_block_gives_floor_and_unseen_gives_one():
+    features = torch.zeros(4, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    protos = torch.randn(2, 3, dtype=torch.float64)
+    r = ref.density_ratios_ref(features, labels, protos, torch.tensor([True, False]))
+    assert r.tolist() == [ref.RATIO_FLOOR, ref.RATIO_FLOOR, 1.0, 1.0]
+
+
+def test_weights_follow_the_formula_for_every_mode():
+    counts = [100, 10, 1]
+    labels = torch.tensor([0, 1, 2, 2])
+    ratios = torch.tensor([2.0, 1.0, 0.5, 4.0], dtype=torch.float64)
+    n = torch.tensor(counts, dtype=torch.float64)
+    expected = {
+        "rdr": (ratios * n.sum() / n[labels]) ** 0.5,
+        "inv_freq": (n.sum() / n[labels]) ** 0.5,
+        "none": torch.ones(4, dtype=torch.float64),
+    }
+    beta = 0.99
+    cb = (1 - beta) / (1 - beta ** n)
+    expected["cb"] = cb[labels] ** 0.5
+    for mode, raw in expected.items():
+        w = ref.sample_weights_ref(ratios, labels, counts, mode, temperature=0.5, beta=beta)
+        torch.testing.assert_close(w, raw * 4 / raw.sum(), msg=mode)
+        assert abs(float(w.mean()) - 1) < 1e-12
+
+
+def test_warmup_gives_unit_weights():
+    w = ref.sample_weights_ref(torch.rand(6, dtype=torch.float64) + 0.1, torch.arange(6) % 3, [5, 3, 1],
+                               "rdr", warmup=True)
+    assert w.tolist() == [1.0] * 6
+
+
+def test_prototype_update_first_seen_then_momentum():
+    protos = torch.zeros(3, 2, dtype=torch.float64)
+    seen = torch.tensor([False, True, False])
+    protos[1] = torch.tensor([10.0, 10.0])
+    feats = torch.tensor([[1.0, 2.0], [3.0, 4.0], [0.0, 2.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    new, new_seen = ref.update_prototypes_ref(protos, seen, feats, labels, momentum=0.9)
+    assert new[0].tolist() == [2.0, 3.0]                              # first seen: the mean
+    torch.testing.assert_close(new[1], torch.tensor([9.0, 9.2], dtype=torch.float64))  # 0.9·10 + 0.1·m
+    assert new[2].tolist() == [0.0, 0.0] and new_seen.tolist() == [True, True, False]
+    assert protos[0].tolist() == [0.0, 0.0], "the reference must not mutate its inputs"
+
+
+@pytest.mark.parametrize("base", ["ce", "focal", "la"])
+def test_per_sample_losses_match_torch(base):
+    logits = torch.randn(7, 5, dtype=torch.float64)
+    labels = torch.randint(0, 5, (7,))
+    counts = [50, 20, 10, 5, 1]
+    got = ref.per_sample_loss_ref(logits, labels, base, counts, tau=0.7, focal_gamma=2.0)
+    if base == "la":
+        prior = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+        expected = F.cross_entropy(logits + 0.7 * prior.log(), labels, reduction="none")
+    else:
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        expected = ce if base == "ce" else (1 - torch.exp(-ce)) ** 2 * ce
+    torch.testing.assert_close(got, expected)
+
+
+def test_weighted_loss_is_batch_mean_and_equals_weighted_mean():
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.randint(0, 4, (6,))
+    feats = torch.randn(6, 3, dtype=torch.float64)
+    protos, seen = torch.randn(4, 3, dtype=torch.float64), torch.ones(4, dtype=torch.bool)
+    loss, w, _, _ = ref.rdr_loss_ref(feats, logits, labels, protos, seen, [9, 5, 3, 1])
+    weighted_mean = F.cross_entropy(logits, labels, reduction="none") @ w / w.sum()
+    torch.testing.assert_close(loss, weighted_mean)
+
+
+def test_reference_loss_gradcheck():
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 3, 2])
+    feats = torch.randn(5, 3, dtype=torch.float64)
+    protos, seen = torch.randn(4, 3, dtype=torch.float64), torch.ones(4, dtype=torch.bool)
+
+    def loss_of(x):
+        return ref.rdr_loss_ref(feats, x, labels, protos, seen, [9, 5, 3, 1], base="focal", update=False)[0]
+    assert torch.autograd.gradcheck(loss_of, (logits,))
