@@ -1,0 +1,106 @@
+"""Long-tailed benchmarks for rdr_fast (SPEC §5).
+
+    ds = load_dataset("cifar10_lt", data_root="data", imb_factor=100)
+    train_loader, test_loader = make_loaders(ds, 128, seed=0)
+
+Every dataset yields (x float32 [C, H, W], y int); classes are indexed head to tail
+(class 0 = most training samples). Conventions:
+- CIFAR-LT: LDAM-DRW recipe bit for bit (profile, legacy-NumPy seeded subset, balanced
+  original test set, LDAM's CIFAR-10 normalisation for both CIFAR sets).
+- fmnist_lt / digits_lt: the same exponential profile (from len(train)/10 = 6000 for
+  Fashion-MNIST, from the smallest per-class pool, 124, for digits).
+- imagenet_lt / places_lt: OLTR list files; labels re-indexed by descending train
+  count (stable); imb_factor is ignored there.
+- Label noise: RoLT symmetric noise on the LT training set, exactly int(r*N) flips to
+  another class; class_counts follow the noisy labels but class indices keep the clean
+  count order. Clean labels stay in ds.train.clean_targets.
+Missing or corrupt files raise DataNotFoundError with one message saying what was
+looked for, where, and how to fix it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import (DataNotFoundError, LTDataset, TensorImageDataset, add_symmetric_noise,
+                      class_splits, long_tail_counts)
+
+__all__ = ["DATASETS", "DataNotFoundError", "LTDataset", "SeededShuffleSampler",
+           "TensorImageDataset", "add_symmetric_noise", "class_splits", "load_dataset",
+           "long_tail_counts", "make_loaders"]
+
+DATASETS = ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt", "places_lt")
+
+
+def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=0,
+                 download=False, train_transform=True, image_root=None,
+                 image_size=224) -> LTDataset:
+    """Build the LT benchmark `name` (one of DATASETS).
+
+    data_root: folder with the files (cifar: defaults to ./data; fmnist: defaults to the
+      Debian package's /usr/share/datasets/fashion-mnist; imagenet/places: required).
+    imb_factor: n_max / n_min (>= 1), ignored by imagenet_lt / places_lt.
+    noise_ratio, seed: symmetric label noise after the LT subset; seed also picks the
+      LT subset (digits' train/test split is fixed and does not depend on it).
+    download: fetch CIFAR / Fashion-MNIST with torchvision into data_root.
+    train_transform: train-time augmentation (False: train items look like test items).
+    image_root, image_size: imagenet_lt / places_lt only (images under image_root,
+      default data_root; crops of image_size, default 224).
+    """
+    kw = dict(noise_ratio=noise_ratio, seed=seed)
+    if name == "digits_lt":
+        from ._small import load_digits_lt
+        return load_digits_lt(imb_factor=imb_factor, **kw)
+    if name == "fmnist_lt":
+        from ._small import load_fmnist_lt
+        return load_fmnist_lt(data_root, imb_factor=imb_factor, download=download,
+                              train_transform=train_transform, **kw)
+    if name in ("cifar10_lt", "cifar100_lt"):
+        from ._cifar import load_cifar_lt
+        return load_cifar_lt(name, data_root, imb_factor=imb_factor, download=download,
+                             train_transform=train_transform, **kw)
+    if name in ("imagenet_lt", "places_lt"):
+        if download:
+            raise DataNotFoundError(f"{name} cannot be downloaded automatically; get the "
+                                    "images and OLTR list files, then pass --data-root DIR")
+        from ._oltr import load_oltr_lt
+        return load_oltr_lt(name, data_root, train_transform=train_transform,
+                            image_root=image_root, image_size=image_size, **kw)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+class SeededShuffleSampler(torch.utils.data.Sampler):
+    """Shuffles 0..n-1 with a torch.Generator seeded by (seed, epoch).
+
+    Each pass uses epoch `self.epoch` and then increments it, so successive epochs differ
+    while epoch e's order depends only on (seed, e), not on how many loaders or
+    iterators were created before. To resume at epoch e call set_epoch(e) first.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        # Large odd multiplier: distinct (seed, epoch) pairs map to distinct generator seeds.
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: int = 0):
+    """(train_loader, test_loader). Train: shuffled by SeededShuffleSampler(seed),
+    drop_last=False; worker RNGs (augmentation) derive from a Generator seeded by
+    `seed`. Test: fixed order. With num_workers=0 augmentation draws from torch's
+    global RNG, so call torch.manual_seed for reproducible crops/flips."""
+    common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=num_workers > 0)
+    train = torch.utils.data.DataLoader(
+        ds.train, batch_size=batch_size, sampler=SeededShuffleSampler(len(ds.train), seed),
+        drop_last=False, generator=torch.Generator().manual_seed(seed), **common)
+    test = torch.utils.data.DataLoader(ds.test, batch_size=batch_size, shuffle=False, **common)
+    return train, test
