@@ -101,8 +101,24 @@ def _has_compiled_cpu_kernel(name: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rdr_fast::{name}", "CPU")
 
 
+def _warn_missing_cpp_kernels() -> None:
+    """One warning at import (not per call) when the C++ CPU kernels did not load."""
+    import rdr_fast  # the package is mid-import here; its loader has already run
+
+    reason = getattr(rdr_fast, "_CPP_LOAD_ERROR", None) or "rdr_fast._C registered no CPU kernels"
+    warnings.warn(f"rdr_fast: C++ CPU kernels unavailable, using the PyTorch path on CPU. {reason}",
+                  RuntimeWarning, stacklevel=3)
+
+
 def _register_backends(impl: str) -> None:
-    """Register the fastest available kernel per device and record the choice in BACKENDS."""
+    """Register the fastest available kernel per device and record the choice in BACKENDS.
+
+    The C++ kernels (rdr_fast._C, loaded by rdr_fast/__init__.py before this module) are
+    already registered for CPU when present; RDR_FAST_IMPL=torch|reference keeps them from
+    loading at all, so the Python kernels registered here are the only CPU kernels then.
+    """
+    if impl == "auto" and not all(_has_compiled_cpu_kernel(name) for name in BACKENDS):
+        _warn_missing_cpp_kernels()
     python_impls = {
         "torch": {"rdr_weights_and_update": torch_impl.rdr_weights_and_update_torch,
                   "weighted_loss": torch_impl.weighted_loss_torch},

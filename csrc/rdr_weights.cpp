@@ -1,0 +1,319 @@
+// rdr_fast::rdr_weights_and_update on the CPU: SPEC §2 steps 1, 2 and 4 in one call.
+//
+// Computes exactly what rdr_fast/torch_impl.py computes (see rdr_fast/reference.py for
+// the choices the paper leaves open):
+//   1. For every class c present with seen[c]: r_c = b_c · (X_c X_cᵀ + λ_c I)⁻¹ X_c P_c
+//      when b_c ≤ K, else b_c · X_c (X_cᵀ X_c + λ_c I)⁻¹ P_c, with
+//      λ_c = ridge · trace(X_c X_cᵀ) / b_c (1 when the trace is 0), then r ← max(r, 1e-9).
+//      Unseen classes get r = 1. The systems are built and solved in double.
+//   2. w_j = (r_j · factor_{y_j})^γ, scaled to batch mean 1 (r ≡ 1 if !use_ratios,
+//      w ≡ 1 if uniform), in the compute dtype (double for double features, else float).
+//   3. If update: for every class present, P_c ← mean(X_c) if !seen[c], else
+//      μ P_c + (1 − μ) mean(X_c); then seen[c] ← true. Ratios use the old P_c.
+//
+// Work plan: a counting sort groups the rows by class (O(B + C), no per-sample
+// allocation); classes are split into runs of about equal work and run in parallel,
+// each class doing its solve and then its prototype update (the two touch only that
+// class's rows, ratios and prototype); the weights need the batch sum and run last.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+
+namespace {
+
+constexpr const char* kOp = "rdr_weights_and_update";
+constexpr double kRatioFloor = 1e-9;         // SPEC §2: r ← max(r, 1e-9)
+constexpr int64_t kParallelWork = 1 << 15;   // multiply-adds under which threads cost more than they save
+constexpr int kLanes = 8;
+
+// Σ a_k b_k in double. Independent partial sums let the compiler vectorise the loop
+// without reassociating floating-point additions (we do not build with -ffast-math).
+template <typename A, typename B>
+inline double dot(const A* a, const B* b, int64_t n) {
+  double acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(a[k + l]) * static_cast<double>(b[k + l]);
+  }
+  double sum = 0.0;
+  for (; k < n; ++k) sum += static_cast<double>(a[k]) * static_cast<double>(b[k]);
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  return sum;
+}
+
+// The batch's rows grouped by class: class c owns order[start[c] .. start[c + 1]), in
+// batch order, so sums over a class run in a fixed order whatever the thread count.
+struct ClassGroups {
+  std::vector<int64_t> start;    // [C + 1]
+  std::vector<int64_t> order;    // [B]
+  std::vector<int64_t> present;  // classes with at least one row, ascending
+};
+
+ClassGroups group_by_class(const int64_t* labels, int64_t batch, int64_t num_classes) {
+  ClassGroups g;
+  g.start.assign(num_classes + 1, 0);
+  for (int64_t j = 0; j < batch; ++j) ++g.start[labels[j] + 1];
+  for (int64_t c = 0; c < num_classes; ++c) {
+    if (g.start[c + 1] > 0) g.present.push_back(c);
+    g.start[c + 1] += g.start[c];
+  }
+  std::vector<int64_t> next(g.start.begin(), g.start.end() - 1);
+  g.order.resize(batch);
+  for (int64_t j = 0; j < batch; ++j) g.order[next[labels[j]]++] = j;
+  return g;
+}
+
+// λ = ridge · trace / b, or 1 for an all-zero block (any λ > 0 gives r = 0 there).
+inline double ridge_of(double trace, int64_t b, double ridge) {
+  return trace > 0.0 ? ridge * trace / static_cast<double>(b) : 1.0;
+}
+
+// Solves A x = rhs in place for a symmetric positive definite n×n row-major A: Cholesky
+// A = L Lᵀ (row-oriented, L overwrites the lower triangle), then two triangular solves.
+// Pivots stay ≥ λ > 0 for finite inputs, so no pivoting or failure path is needed.
+void cholesky_solve(double* a, double* rhs, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    double* row_j = a + j * n;
+    const double pivot = std::sqrt(row_j[j] - dot(row_j, row_j, j));
+    row_j[j] = pivot;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double* row_i = a + i * n;
+      row_i[j] = (row_i[j] - dot(row_i, row_j, j)) / pivot;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) rhs[i] = (rhs[i] - dot(a + i * n, rhs, i)) / a[i * n + i];
+  for (int64_t i = n - 1; i >= 0; --i) {
+    double s = rhs[i];
+    for (int64_t k = i + 1; k < n; ++k) s -= a[k * n + i] * rhs[k];
+    rhs[i] = s / a[i * n + i];
+  }
+}
+
+// Scalar types of one call: T features (float or double), P prototypes (float or double).
+template <typename T, typename P>
+struct ClassStep {
+  const T* z;              // [B, K] features
+  int64_t dim;             // K
+  const ClassGroups* groups;
+  P* protos;               // [C, K], updated in place
+  bool* seen;              // [C], updated in place
+  double* ratios;          // [B], written for the rows of seen classes
+  double ridge, momentum;
+  bool solve, update;
+
+  // b_c ≤ K: the b_c×b_c system (X_c X_cᵀ + λI) a = X_c P_c, then r = b_c a.
+  void small_system(const int64_t* rows, int64_t b, const P* proto, std::vector<double>& scratch) const {
+    scratch.resize(b * b + b);
+    double* gram = scratch.data();
+    double* coef = gram + b * b;
+    double trace = 0.0;
+    for (int64_t i = 0; i < b; ++i) {
+      const T* xi = z + rows[i] * dim;
+      for (int64_t l = 0; l <= i; ++l) gram[i * b + l] = dot(xi, z + rows[l] * dim, dim);
+      trace += gram[i * b + i];
+      coef[i] = dot(xi, proto, dim);
+    }
+    const double lam = ridge_of(trace, b, ridge);
+    for (int64_t i = 0; i < b; ++i) gram[i * b + i] += lam;
+    cholesky_solve(gram, coef, b);
+    for (int64_t i = 0; i < b; ++i) ratios[rows[i]] = std::max(static_cast<double>(b) * coef[i], kRatioFloor);
+  }
+
+  // b_c > K: the K×K system (X_cᵀ X_c + λI) u = P_c, then r = b_c X_c u.
+  void large_system(const int64_t* rows, int64_t b, const P* proto, std::vector<double>& scratch) const {
+    scratch.assign(dim * dim + 2 * dim, 0.0);
+    double* gram = scratch.data();
+    double* u = gram + dim * dim;
+    double* x = u + dim;
+    double trace = 0.0;
+    for (int64_t i = 0; i < b; ++i) {
+      const T* xi = z + rows[i] * dim;
+      for (int64_t k = 0; k < dim; ++k) x[k] = static_cast<double>(xi[k]);
+      for (int64_t p = 0; p < dim; ++p) {  // rank-1 update of the lower triangle
+        double* row = gram + p * dim;
+        for (int64_t q = 0; q <= p; ++q) row[q] += x[p] * x[q];
+      }
+      trace += dot(x, x, dim);
+    }
+    const double lam = ridge_of(trace, b, ridge);
+    for (int64_t k = 0; k < dim; ++k) {
+      gram[k * dim + k] += lam;
+      u[k] = static_cast<double>(proto[k]);
+    }
+    cholesky_solve(gram, u, dim);
+    for (int64_t i = 0; i < b; ++i) {
+      ratios[rows[i]] = std::max(static_cast<double>(b) * dot(z + rows[i] * dim, u, dim), kRatioFloor);
+    }
+  }
+
+  void update_prototype(const int64_t* rows, int64_t b, bool was_seen, P* proto, std::vector<double>& mean) const {
+    mean.assign(dim, 0.0);
+    for (int64_t i = 0; i < b; ++i) {
+      const T* xi = z + rows[i] * dim;
+      for (int64_t k = 0; k < dim; ++k) mean[k] += static_cast<double>(xi[k]);
+    }
+    const double count = static_cast<double>(b);
+    for (int64_t k = 0; k < dim; ++k) {
+      const double m = mean[k] / count;
+      proto[k] = static_cast<P>(was_seen ? momentum * static_cast<double>(proto[k]) + (1.0 - momentum) * m : m);
+    }
+  }
+
+  // Runs classes present[first .. last): solve with the old prototype, then update it.
+  void operator()(int64_t first, int64_t last) const {
+    std::vector<double> scratch;
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t c = groups->present[i];
+      const int64_t* rows = groups->order.data() + groups->start[c];
+      const int64_t b = groups->start[c + 1] - groups->start[c];
+      P* proto = protos + c * dim;
+      if (solve && seen[c]) {
+        if (b <= dim) small_system(rows, b, proto, scratch);
+        else large_system(rows, b, proto, scratch);
+      }
+      if (update) {
+        update_prototype(rows, b, seen[c], proto, scratch);
+        seen[c] = true;
+      }
+    }
+  }
+};
+
+// Multiply-adds of one class, to balance the threads (head classes cost b_c² K).
+int64_t class_work(int64_t b, int64_t dim, bool solve, bool update) {
+  int64_t work = 1 + (update ? b * dim : 0);
+  if (solve) {
+    work += b <= dim ? b * (b + 3) / 2 * dim + b * b * b / 6 : b * dim * dim / 2 + dim * dim * dim / 6 + b * dim;
+  }
+  return work;
+}
+
+// Calls step(first, last) on consecutive runs of present classes, one run per thread,
+// the runs cut at about equal work; small batches stay on the calling thread.
+template <typename Step>
+void for_each_class_run(const ClassGroups& g, int64_t dim, bool solve, bool update, const Step& step) {
+  const int64_t n = static_cast<int64_t>(g.present.size());
+  std::vector<int64_t> cumulative(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = g.present[i];
+    cumulative[i + 1] = cumulative[i] + class_work(g.start[c + 1] - g.start[c], dim, solve, update);
+  }
+  const int64_t runs = std::min<int64_t>(at::get_num_threads(), n);
+  if (cumulative[n] < kParallelWork || runs <= 1) {
+    step(0, n);
+    return;
+  }
+  std::vector<int64_t> bounds(runs + 1, n);
+  bounds[0] = 0;
+  for (int64_t r = 1; r < runs; ++r) {
+    const int64_t target = cumulative[n] / runs * r;
+    bounds[r] = std::lower_bound(cumulative.begin(), cumulative.end(), target) - cumulative.begin();
+  }
+  at::parallel_for(0, runs, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) step(bounds[r], bounds[r + 1]);
+  });
+}
+
+// SPEC §2 step 2 from the ratios (overwritten with the unnormalised weights). Inputs are
+// rounded to the compute dtype W first, as the PyTorch path does; the sum runs in double.
+template <typename W>
+void write_weights(double* ratios, const int64_t* labels, int64_t batch, const double* factors, double temperature,
+                   bool use_ratios, bool uniform, W* out) {
+  if (uniform) {
+    std::fill(out, out + batch, static_cast<W>(1));
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t j = 0; j < batch; ++j) {
+    const double r = use_ratios ? static_cast<double>(static_cast<W>(ratios[j])) : 1.0;
+    double w = static_cast<double>(static_cast<W>(factors[labels[j]])) * r;
+    if (temperature != 1.0) w = std::pow(w, temperature);
+    ratios[j] = w;
+    sum += w;
+  }
+  const double scale = static_cast<double>(batch) / sum;
+  for (int64_t j = 0; j < batch; ++j) out[j] = static_cast<W>(ratios[j] * scale);
+}
+
+void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at::Tensor& prototypes,
+                  const at::Tensor& seen, const at::Tensor& class_factors, double ridge, double temperature,
+                  double momentum) {
+  RDR_CHECK_CPU(kOp, features);
+  RDR_CHECK_CPU(kOp, labels);
+  RDR_CHECK_CPU(kOp, prototypes);
+  RDR_CHECK_CPU(kOp, seen);
+  RDR_CHECK_CPU(kOp, class_factors);
+  RDR_CHECK_DIM(kOp, features, 2);
+  RDR_CHECK_FLOATING(kOp, features);
+  RDR_CHECK_DIM(kOp, labels, 1);
+  RDR_CHECK_INTEGER(kOp, labels);
+  RDR_CHECK_LENGTH(kOp, labels, 0, features.size(0), "features (the batch)");
+  RDR_CHECK_DIM(kOp, prototypes, 2);
+  RDR_CHECK_FLOATING(kOp, prototypes);
+  RDR_CHECK_LENGTH(kOp, prototypes, 1, features.size(1), "features (the feature width K)");
+  RDR_CHECK_DIM(kOp, seen, 1);
+  TORCH_CHECK(seen.scalar_type() == at::kBool, kOp, ": seen must be a bool tensor, got dtype ", seen.scalar_type());
+  RDR_CHECK_LENGTH(kOp, seen, 0, prototypes.size(0), "prototypes (the classes)");
+  RDR_CHECK_DIM(kOp, class_factors, 1);
+  RDR_CHECK_FLOATING(kOp, class_factors);
+  RDR_CHECK_LENGTH(kOp, class_factors, 0, prototypes.size(0), "prototypes (the classes)");
+  TORCH_CHECK(ridge > 0.0, kOp, ": ridge must be > 0, got ", ridge);
+  TORCH_CHECK(temperature >= 0.0, kOp, ": temperature must be >= 0, got ", temperature);
+  TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, kOp, ": momentum must lie in [0, 1), got ", momentum);
+}
+
+// A float32/float64 contiguous tensor to compute on: `t` itself when possible, else a copy
+// that the caller writes back (so any floating dtype and layout of the state works).
+at::Tensor working_copy(const at::Tensor& t, bool floating) {
+  const bool supported = !floating || t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+  if (supported && t.is_contiguous()) return t;
+  return supported ? t.contiguous() : t.to(at::kFloat).contiguous();
+}
+
+at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tensor& labels,
+                                      const at::Tensor& prototypes, const at::Tensor& seen,
+                                      const at::Tensor& class_factors, double ridge, double temperature,
+                                      double momentum, bool use_ratios, bool uniform, bool update) {
+  check_inputs(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum);
+  const int64_t batch = features.size(0), dim = features.size(1), num_classes = prototypes.size(0);
+  const at::Tensor y = rdr_fast::checked_labels(kOp, labels, num_classes);
+  const bool is_double = features.scalar_type() == at::kDouble;
+  at::Tensor weights = at::empty({batch}, features.options().dtype(is_double ? at::kDouble : at::kFloat));
+  // bf16/fp16 features are upcast once (exactly) to float; float and double are read as they are.
+  const at::Tensor z = (is_double ? features : features.to(at::kFloat)).contiguous();
+  const at::Tensor factors = class_factors.to(at::kDouble).contiguous();
+  at::Tensor protos = working_copy(prototypes, true), flags = working_copy(seen, false);
+  const ClassGroups groups = group_by_class(y.data_ptr<int64_t>(), batch, num_classes);
+  std::vector<double> ratios(batch, 1.0);
+  const bool solve = use_ratios && !uniform;
+  if (solve || update) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rdr_weights_and_update_cpu", [&] {
+      using feat_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(protos.scalar_type(), "rdr_weights_and_update_cpu", [&] {
+        const ClassStep<feat_t, scalar_t> step{z.data_ptr<feat_t>(), dim, &groups, protos.data_ptr<scalar_t>(),
+                                               flags.data_ptr<bool>(), ratios.data(), ridge, momentum, solve, update};
+        for_each_class_run(groups, dim, solve, update, step);
+      });
+    });
+  }
+  if (update && !protos.is_same(prototypes)) prototypes.copy_(protos);
+  if (update && !flags.is_same(seen)) seen.copy_(flags);
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "rdr_weights_cpu", [&] {
+    write_weights(ratios.data(), y.data_ptr<int64_t>(), batch, factors.data_ptr<double>(), temperature, use_ratios,
+                  uniform, weights.data_ptr<scalar_t>());
+  });
+  return weights;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rdr_fast, CPU, m) {
+  m.impl("rdr_weights_and_update", &rdr_weights_and_update_cpu);
+}

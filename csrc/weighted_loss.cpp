@@ -1,0 +1,204 @@
+// rdr_fast::weighted_loss on the CPU: SPEC §2 step 3, forward and gradient in one pass.
+//
+// For each row j (x = logits_j + logit_adjust, in the compute dtype S: double for double
+// logits, else float):
+//   log p_j = x_{y_j} − logsumexp(x),
+//   ℓ_j = −(1 − p_j)^γ log p_j (γ = 0: cross-entropy; LA passes τ·log π as the adjust),
+//   L = Σ_j w_j ℓ_j / B,
+//   ∂L/∂x_jk = (w_j / B) · dℓ/dlog p_j · (1[k = y_j] − softmax(x_j)_k).
+// Same formulas as rdr_fast/torch_impl.py (weighted_loss_torch and _focal_terms). Each
+// row is read once into a scratch row, which then holds exp(x − max); the gradient is
+// written from it in the logits' dtype. Rows run in parallel; the per-row losses are
+// summed in row order, so the result does not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+
+namespace {
+
+constexpr const char* kOp = "weighted_loss";
+constexpr int64_t kParallelElems = 1 << 14;  // logits per thread below which one thread is faster
+constexpr int kLanes = 16;
+
+// exp(x) for float in branch-free arithmetic the compiler can vectorise (std::exp is a
+// scalar libm call): x = n ln2 + r with |r| ≤ ln2/2, e^r by Cephes' expf polynomial
+// (about 1 ulp), 2^n through the exponent bits. Underflow (x < −87) gives 0.
+inline float exp_float(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline double exp_of(double x) { return std::exp(x); }
+inline float exp_of(float x) { return exp_float(x); }
+
+// max over a row, with independent lanes so it vectorises.
+template <typename S>
+S row_max(const S* x, int64_t n) {
+  S lane[kLanes];
+  std::fill(lane, lane + kLanes, x[0]);
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] = x[k + l] > lane[l] ? x[k + l] : lane[l];
+  }
+  for (; k < n; ++k) lane[0] = x[k] > lane[0] ? x[k] : lane[0];
+  return *std::max_element(lane, lane + kLanes);
+}
+
+// x_k ← exp(x_k − shift) in place; returns Σ_k of the new x_k (lane sums, then double).
+template <typename S>
+double exp_shifted_sum(S* x, int64_t n, S shift) {
+  S lane[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const S e = exp_of(static_cast<S>(x[k + l] - shift));
+      x[k + l] = e;
+      lane[l] += e;
+    }
+  }
+  double sum = 0.0;
+  for (; k < n; ++k) {
+    x[k] = exp_of(static_cast<S>(x[k] - shift));
+    sum += x[k];
+  }
+  for (int l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum;
+}
+
+// ℓ = −(1−p)^γ log p and dℓ/dlog p = γ(1−p)^{γ−1} p log p − (1−p)^γ, in double.
+inline void loss_terms(double log_pt, double gamma, double* loss, double* slope) {
+  if (gamma == 0.0) {
+    *loss = -log_pt;
+    *slope = -1.0;
+    return;
+  }
+  const double p = std::exp(log_pt);
+  const double one_minus = std::max(1.0 - p, 0.0);
+  const double modulator = std::pow(one_minus, gamma);
+  // (1−p)^{γ−1} · log p → 0 as p → 1; guard the 0 · inf that γ < 1 would give there.
+  const double d = one_minus > 0.0 ? gamma * std::pow(one_minus, gamma - 1.0) * p * log_pt : 0.0;
+  *loss = -modulator * log_pt;
+  *slope = d - modulator;
+}
+
+// One call's rows. T is the logits' dtype, S the compute dtype.
+template <typename T, typename S>
+struct LossRows {
+  const T* logits;      // [B, C]
+  const int64_t* labels;
+  const S* weights;     // [B]
+  const S* adjust;      // [C] or nullptr
+  int64_t batch, classes;
+  double gamma;
+  T* grad;              // [B, C] or nullptr
+  double* row_loss;     // [B], w_j ℓ_j / B
+
+  void operator()(int64_t first, int64_t last) const {
+    std::vector<S> x(classes);
+    for (int64_t j = first; j < last; ++j) {
+      const T* in = logits + j * classes;
+      if (adjust != nullptr) {
+        for (int64_t k = 0; k < classes; ++k) x[k] = static_cast<S>(in[k]) + adjust[k];
+      } else {
+        for (int64_t k = 0; k < classes; ++k) x[k] = static_cast<S>(in[k]);
+      }
+      const int64_t y = labels[j];
+      const S shift = row_max(x.data(), classes);
+      const double shifted_y = static_cast<double>(x[y] - shift);
+      const double sum = exp_shifted_sum(x.data(), classes, shift);
+      double loss, slope;
+      loss_terms(shifted_y - std::log(sum), gamma, &loss, &slope);
+      const double w = static_cast<double>(weights[j]) / static_cast<double>(batch);
+      row_loss[j] = w * loss;
+      if (grad != nullptr) write_grad(x.data(), y, w * slope, sum, grad + j * classes);
+    }
+  }
+
+  // g_k = coef · (1[k = y] − e_k / sum), from e = exp(x − max) held in x.
+  void write_grad(const S* e, int64_t y, double coef, double sum, T* out) const {
+    const S scale = static_cast<S>(-coef / sum);
+    for (int64_t k = 0; k < classes; ++k) out[k] = static_cast<T>(scale * e[k]);
+    out[y] = static_cast<T>(static_cast<double>(scale) * static_cast<double>(e[y]) + coef);
+  }
+};
+
+void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& weights,
+                  const std::optional<at::Tensor>& logit_adjust, double focal_gamma) {
+  RDR_CHECK_CPU(kOp, logits);
+  RDR_CHECK_CPU(kOp, labels);
+  RDR_CHECK_CPU(kOp, weights);
+  RDR_CHECK_DIM(kOp, logits, 2);
+  RDR_CHECK_FLOATING(kOp, logits);
+  TORCH_CHECK(logits.size(1) > 0, kOp, ": logits must have at least one class column, got shape ", logits.sizes());
+  RDR_CHECK_DIM(kOp, labels, 1);
+  RDR_CHECK_INTEGER(kOp, labels);
+  RDR_CHECK_LENGTH(kOp, labels, 0, logits.size(0), "logits (the batch)");
+  RDR_CHECK_DIM(kOp, weights, 1);
+  RDR_CHECK_FLOATING(kOp, weights);
+  RDR_CHECK_LENGTH(kOp, weights, 0, logits.size(0), "logits (the batch)");
+  if (logit_adjust.has_value()) {
+    const at::Tensor& adjust = *logit_adjust;
+    RDR_CHECK_CPU(kOp, adjust);
+    RDR_CHECK_DIM(kOp, adjust, 1);
+    RDR_CHECK_FLOATING(kOp, adjust);
+    RDR_CHECK_LENGTH(kOp, adjust, 0, logits.size(1), "logits (the classes)");
+  }
+  TORCH_CHECK(focal_gamma >= 0.0, kOp, ": focal_gamma must be >= 0, got ", focal_gamma);
+}
+
+std::tuple<at::Tensor, at::Tensor> weighted_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                     const at::Tensor& weights,
+                                                     const std::optional<at::Tensor>& logit_adjust,
+                                                     double focal_gamma, bool compute_grad) {
+  check_inputs(logits, labels, weights, logit_adjust, focal_gamma);
+  const int64_t batch = logits.size(0), classes = logits.size(1);
+  const at::Tensor y = rdr_fast::checked_labels(kOp, labels, classes);
+  const at::ScalarType compute = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor w = weights.to(compute).contiguous();
+  const at::Tensor adjust = logit_adjust.has_value() ? logit_adjust->to(compute).contiguous() : at::Tensor();
+  at::Tensor grad = compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  std::vector<double> row_loss(batch, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "weighted_loss_cpu", [&] {
+    using logit_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(compute, "weighted_loss_cpu", [&] {
+      const LossRows<logit_t, scalar_t> rows{
+          x.data_ptr<logit_t>(), y.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
+          adjust.defined() ? adjust.data_ptr<scalar_t>() : nullptr, batch, classes, focal_gamma,
+          compute_grad ? grad.data_ptr<logit_t>() : nullptr, row_loss.data()};
+      at::parallel_for(0, batch, std::max<int64_t>(1, kParallelElems / classes), rows);
+    });
+  });
+  double total = 0.0;
+  for (double v : row_loss) total += v;
+  return {at::scalar_tensor(total, logits.options().dtype(compute)), grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rdr_fast, CPU, m) {
+  m.impl("weighted_loss", &weighted_loss_cpu);
+}
