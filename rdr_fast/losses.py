@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from . import _checks, functional
+from . import _checks, functional, torch_impl
 
 
 class RDRLoss(nn.Module):
@@ -28,6 +29,10 @@ class RDRLoss(nn.Module):
         validate: data checks (label range, NaN/Inf): None = on CPU inputs only, True =
             always (forces a host sync on GPU), False = never. Shape, dtype and device
             checks always run.
+        sync_prototypes: under torch.distributed (world size > 1), all-reduce the
+            per-class feature sums and counts ([C, K+1], one call per step) so every rank
+            applies the update of the global batch. The weights stay per rank: each rank's
+            ratios come from its local batch (see rdr_fast.distributed).
 
     State (buffers, saved by ``state_dict``): ``prototypes`` [C, K] float32, ``seen`` [C]
     bool, ``step`` (training calls so far), ``class_counts`` [C] int64 (checked on load).
@@ -37,7 +42,7 @@ class RDRLoss(nn.Module):
     def __init__(self, class_counts, feat_dim: int, base: str = "ce", reweight: str = "rdr",
                  momentum: float = 0.9, temperature: float = 1.0, warmup_steps: int = 0,
                  tau: float = 1.0, focal_gamma: float = 1.0, beta: float = 0.9999,
-                 ridge: float = 1e-5, validate: bool | None = None):
+                 ridge: float = 1e-5, validate: bool | None = None, sync_prototypes: bool = True):
         super().__init__()
         counts = _checks.as_class_counts(class_counts)
         _checks.check_choice("base", base, functional.BASE_LOSSES)
@@ -49,6 +54,7 @@ class RDRLoss(nn.Module):
         functional.check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum,
                                          beta=beta, focal_gamma=focal_gamma, tau=tau)
         self.base, self.reweight, self.validate = base, reweight, validate
+        self.sync_prototypes = sync_prototypes
         self.momentum, self.temperature, self.ridge = float(momentum), float(temperature), float(ridge)
         self.warmup_steps, self.tau, self.focal_gamma, self.beta = warmup_steps, tau, focal_gamma, beta
         num_classes = len(counts)
@@ -73,10 +79,13 @@ class RDRLoss(nn.Module):
     def forward(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """features [B, K], logits [B, C], targets [B] int64 → scalar loss."""
         self._check_inputs(features, logits, targets)
+        global_update = self.training and self.sync_prototypes and _world_size() > 1
         weights = torch.ops.rdr_fast.rdr_weights_and_update(
             features.detach(), targets, self.prototypes, self.seen, self.class_factors, self.ridge,
             self.temperature, self.momentum, self.reweight == "rdr", self.reweight == "none",
-            self.training)
+            self.training and not global_update)
+        if global_update:
+            self._update_from_global_batch(features.detach(), targets)
         if self.warmup_steps > 0 and self.reweight != "none":
             # A tensor comparison, not `if step < warmup`: no host sync, capturable.
             weights = torch.where(self.step < self.warmup_steps, torch.ones_like(weights), weights)
@@ -85,6 +94,13 @@ class RDRLoss(nn.Module):
         self.last_weights = weights.detach()
         gamma = self.focal_gamma if self.base == "focal" else 0.0
         return functional._weighted_loss_op(logits, targets, weights, self.logit_adjust, gamma)
+
+    def _update_from_global_batch(self, features, targets) -> None:
+        """The prototype update of the global batch: one all-reduce of [C, K+1]."""
+        z = features.to(torch_impl.compute_dtype(features.dtype))
+        sums = torch_impl.class_sums(z, targets, self.num_classes)
+        dist.all_reduce(sums)
+        torch_impl.update_prototypes_from_sums_(self.prototypes, self.seen, sums, self.momentum)
 
     def _check_inputs(self, features, logits, targets) -> None:
         _checks.check_logits(logits, self.num_classes)
@@ -109,3 +125,7 @@ class RDRLoss(nn.Module):
         return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, base={self.base!r}, "
                 f"reweight={self.reweight!r}, momentum={self.momentum}, temperature={self.temperature}, "
                 f"warmup_steps={self.warmup_steps}")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -112,6 +112,25 @@ def update_prototypes_torch_(protos, seen, z, labels, momentum: float) -> None:
     seen.index_fill_(0, labels, True)
 
 
+def class_sums(z, labels, num_classes: int) -> torch.Tensor:
+    """[C, K+1]: per-class feature sums, then the per-class count in the last column
+    (one buffer, so a distributed run all-reduces it in one call)."""
+    sums = torch.zeros(num_classes, z.shape[1] + 1, dtype=z.dtype, device=z.device)
+    return sums.index_add_(0, labels, torch.cat([z, torch.ones_like(z[:, :1])], dim=1))
+
+
+def update_prototypes_from_sums_(protos, seen, sums_and_counts, momentum: float) -> None:
+    """SPEC §2 step 4 from per-class sums and counts ([C, K+1], e.g. all-reduced over
+    ranks), in place; classes with count 0 keep their prototype."""
+    counts = sums_and_counts[:, -1]
+    present = counts > 0
+    mean = sums_and_counts[:, :-1] / counts.clamp_min(1)[:, None]
+    old = protos.to(mean.dtype)
+    blended = torch.where(seen[:, None], momentum * old + (1 - momentum) * mean, mean)
+    protos.copy_(torch.where(present[:, None], blended, old).to(protos.dtype))
+    seen.logical_or_(present)
+
+
 def rdr_weights_and_update_torch(features, labels, prototypes, seen, class_factors, ridge: float,
                                  temperature: float, momentum: float, use_ratios: bool,
                                  uniform: bool, update: bool) -> torch.Tensor:

@@ -78,11 +78,11 @@ def test_missing_data_is_one_clear_message(tmp_path):
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
     original = train.build
 
-    def poisoned(cfg, ds):
-        model, criterion, optimizer, scheduler = original(cfg, ds)
+    def poisoned(cfg, ds, ctx):
+        model, forward, criterion, optimizer, scheduler = original(cfg, ds, ctx)
         with torch.no_grad():
             model.fc.bias.fill_(float("nan"))
-        return model, criterion, optimizer, scheduler
+        return model, forward, criterion, optimizer, scheduler
     monkeypatch.setattr(train, "build", poisoned)
     with pytest.raises(SystemExit) as exc:
         run(tmp_path, "nan")

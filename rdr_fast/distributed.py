@@ -1,0 +1,206 @@
+"""Multi-process training with torch.distributed (launched by torchrun).
+
+What is synchronised, and how:
+- gradients: DistributedDataParallel (all-reduce of the mean gradient);
+- BatchNorm: statistics of the global batch — torch's SyncBatchNorm on CUDA, and
+  `GlobalBatchNorm` (the same maths through a differentiable all-reduce) on the CPU,
+  where torch's SyncBatchNorm refuses to run;
+- RDR prototypes: `RDRLoss` all-reduces one [C, K+1] buffer of per-class feature sums
+  and counts each training step, so every rank applies the same update, equal to a
+  single process's update on the concatenated global batch;
+- RDR weights: computed per rank from its local batch against the (global)
+  prototypes, normalised to mean 1 over the local batch. Solving each class's system
+  on the global batch would need an all-gather of the features every step; the ratio
+  is an estimate per batch either way, so rdr_fast keeps it local;
+- data: `ShardedBatchSampler` cuts each global batch of the single-process order into
+  contiguous per-rank slices, so N processes with batch B/N see exactly the samples a
+  single process with batch B sees, step for step;
+- metrics: each rank evaluates a disjoint slice of the test set; counts are summed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .data import SeededShuffleSampler
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistContext:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1);
+    NCCL for CUDA devices, gloo otherwise. A single process needs no group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Leave the process group once every rank is done."""
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def device_for(ctx: DistContext, device: str) -> str:
+    """One process per GPU: cuda becomes cuda:<local rank>."""
+    if ctx.enabled and device == "cuda":
+        return f"cuda:{ctx.local_rank}"
+    return device
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce over ranks in place, op "sum" or "max" (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous, near-equal [lo, hi) slice of `total` items for `rank`."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's slice of each global batch of SeededShuffleSampler's order.
+
+    Global batch t is perm[t·B : (t+1)·B], exactly what a single process with batch B
+    takes; rank r gets its contiguous share. Every rank has the same number of steps.
+    A final global batch smaller than world_size samples is dropped (a rank would be
+    left with no sample).
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world_size: int):
+        if global_batch < world_size:
+            raise ValueError(f"batch size {global_batch} is smaller than the {world_size} processes")
+        self.order = SeededShuffleSampler(n, seed)
+        self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.global_batch)
+        return full + (rest >= self.world_size)
+
+    def __iter__(self):
+        perm = list(iter(self.order))
+        for step in range(len(self)):
+            batch = perm[step * self.global_batch:(step + 1) * self.global_batch]
+            lo, hi = shard_bounds(len(batch), self.rank, self.world_size)
+            yield batch[lo:hi]
+
+
+def make_distributed_loaders(ds, global_batch: int, seed: int, ctx: DistContext, num_workers: int = 0):
+    """(train_loader, test_loader) of this rank's shards; the test shards are disjoint
+    and cover the test set once, with no padding."""
+    sampler = ShardedBatchSampler(len(ds.train), global_batch, seed, ctx.rank, ctx.world_size)
+    common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    train = torch.utils.data.DataLoader(ds.train, batch_sampler=sampler, **common)
+    lo, hi = shard_bounds(len(ds.test), ctx.rank, ctx.world_size)
+    test_part = torch.utils.data.Subset(ds.test, range(lo, hi))
+    per_rank = max(1, global_batch // ctx.world_size)
+    test = torch.utils.data.DataLoader(test_part, batch_size=per_rank, shuffle=False, **common)
+    return train, test
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_ranks x on every rank; the gradient of a sum over ranks is again a sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of all ranks, on any device (torch's
+    SyncBatchNorm is CUDA-only). Training normalises with the all-reduced mean and
+    biased variance, and updates the running statistics with the unbiased variance,
+    as nn.BatchNorm does; evaluation is plain BatchNorm."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        count = x.new_full((1,), x.numel() / x.shape[1])
+        stats = _AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        channels = x.shape[1]
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels:2 * channels] / total - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                momentum = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), momentum)
+                self.num_batches_tracked.add_(1)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_batchnorm(model: nn.Module, device: str) -> nn.Module:
+    """Every BatchNorm becomes a global one: torch's SyncBatchNorm on CUDA,
+    GlobalBatchNorm elsewhere. Parameters and buffers carry over."""
+    if device.startswith("cuda"):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            synced = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            # Share, not copy, the tensors: an optimizer built earlier keeps working.
+            for key, value in list(child._parameters.items()) + list(child._buffers.items()):
+                setattr(synced, key, value)
+            setattr(model, name, synced)
+        else:
+            convert_batchnorm(child, device)
+    return model
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, device: str) -> nn.Module:
+    model = convert_batchnorm(model, device)
+    ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -1,0 +1,130 @@
+"""torch.distributed on CPU (gloo, 2 processes): synced prototypes, global BatchNorm,
+and the training CLI under torchrun against a single process."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import rdr_fast
+from rdr_fast import distributed, reference
+from rdr_fast.data import SeededShuffleSampler
+
+WORLD = 2
+COUNTS = [40, 20, 10, 5, 2]
+
+
+def global_batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    labels = torch.randint(0, len(COUNTS), (24,), generator=g)
+    return torch.randn(24, 8, generator=g, dtype=torch.float64), torch.randn(24, 5, generator=g,
+                                                                             dtype=torch.float64), labels
+
+
+def _init(rank, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
+def _prototype_worker(rank, init_file, out_dir):
+    _init(rank, init_file)
+    crit = rdr_fast.RDRLoss(COUNTS, 8).double()
+    for step in range(4):
+        feats, logits, labels = global_batch(step)
+        lo, hi = distributed.shard_bounds(len(labels), rank, WORLD)
+        crit(feats[lo:hi], logits[lo:hi], labels[lo:hi])
+    torch.save({"prototypes": crit.prototypes, "seen": crit.seen}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _batchnorm_worker(rank, init_file, out_dir):
+    _init(rank, init_file)
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    lo, hi = distributed.shard_bounds(8, rank, WORLD)
+    bn = distributed.convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), "cpu").double()
+    part = x[lo:hi].clone().requires_grad_(True)
+    out = bn(part)
+    (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    torch.save({"out": out.detach(), "grad": part.grad, "running_var": bn[0].running_var},
+               os.path.join(out_dir, f"bn{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def spawn(worker, tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f, weights_only=False) for f in sorted(os.listdir(tmp_path)) if f.endswith(".pt")]
+
+
+def test_prototypes_identical_across_ranks_and_equal_single_process(tmp_path):
+    ranks = spawn(_prototype_worker, tmp_path)
+    assert torch.equal(ranks[0]["prototypes"], ranks[1]["prototypes"])
+    protos, seen = torch.zeros(5, 8, dtype=torch.float64), torch.zeros(5, dtype=torch.bool)
+    for step in range(4):
+        feats, _, labels = global_batch(step)
+        protos, seen = reference.update_prototypes_ref(protos, seen, feats, labels)
+    torch.testing.assert_close(ranks[0]["prototypes"], protos, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ranks[0]["seen"], seen)
+
+
+def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
+    ranks = spawn(_batchnorm_worker, tmp_path)
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    bn = torch.nn.BatchNorm2d(3).double()
+    out = bn(x)
+    (out * torch.cat([torch.arange(out[:4].numel()), torch.arange(out[4:].numel())]).view_as(out)).sum().backward()
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out.detach())
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), x.grad)
+    torch.testing.assert_close(ranks[0]["running_var"], bn.running_var)
+
+
+def test_sharded_batches_are_slices_of_the_single_process_batches():
+    samplers = [distributed.ShardedBatchSampler(50, 16, 3, r, WORLD) for r in range(WORLD)]
+    single = SeededShuffleSampler(50, 3)
+    for s in samplers:
+        s.set_epoch(2)
+    single.set_epoch(2)
+    order = list(iter(single))
+    merged = [a + b for a, b in zip(*[list(iter(s)) for s in samplers])]
+    assert merged == [order[i:i + 16] for i in range(0, 50, 16)]
+
+
+def run_cli(tmp_path, name, nproc, *extra):
+    out = str(tmp_path / name)
+    args = ["-m", "rdr_fast.train", "--epochs", "2", "--batch-size", "64", "--reweight", "none", "--quiet",
+            "--out", out, *extra]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "metrics.csv")) as handle:
+        return list(csv.DictReader(handle)), done.stdout, out
+
+
+def assert_same_metrics(rows_a, rows_b):
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b):
+        for key in ("train_loss", "acc_all", "acc_many", "acc_medium", "acc_few"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_and_resume_with_other_world_size(tmp_path):
+    single, _, _ = run_cli(tmp_path, "one", 1)
+    double, stdout, _ = run_cli(tmp_path, "two", 2)
+    assert stdout.count("after 2 epochs") == 1, "exactly one rank prints the summary"
+    assert_same_metrics(single, double)
+    _, _, out = run_cli(tmp_path, "switch", 2, "--stop-after", "1")
+    resume = subprocess.run([sys.executable, "-m", "rdr_fast.train", "--resume", out, "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    with open(os.path.join(out, "metrics.csv")) as handle:
+        assert_same_metrics(single, list(csv.DictReader(handle)))
