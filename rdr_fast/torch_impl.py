@@ -31,14 +31,21 @@ def _ridge(trace: torch.Tensor, count: torch.Tensor, ridge: float) -> torch.Tens
     return torch.where(trace > 0, lam, torch.ones_like(lam))
 
 
+def _spd_solve(system, rhs):
+    """system⁻¹ · rhs for (batched) SPD systems: Cholesky without error checks (no host
+    sync; the ridge keeps every system positive definite), then two triangular solves."""
+    chol, _ = torch.linalg.cholesky_ex(system)
+    half = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    return torch.linalg.solve_triangular(chol.mT, half, upper=True)
+
+
 def _small_class_coefficients(gram, same, small, lam, rhs):
     """(X_c X_cᵀ + λ_c I)⁻¹ X_c P_c for every class with b_c ≤ K, as one B×B solve. [B]"""
     block = same & small[:, None]
     system = torch.where(block, gram, torch.zeros_like(gram))
     system.diagonal().add_(torch.where(small, lam, torch.ones_like(lam)))
-    chol, _ = torch.linalg.cholesky_ex(system)
     rhs = torch.where(small, rhs, torch.zeros_like(rhs))
-    return torch.cholesky_solve(rhs[:, None], chol)[:, 0]
+    return _spd_solve(system, rhs[:, None])[:, 0]
 
 
 def _large_class_ratios(z, labels, num_classes, large, sq_norms, protos_y, ridge):
@@ -56,8 +63,7 @@ def _large_class_ratios(z, labels, num_classes, large, sq_norms, protos_y, ridge
     lam = _ridge(members @ sq_norms, counts, ridge)
     systems.diagonal(dim1=1, dim2=2).add_(lam[:, None])
     slot_protos = (members @ protos_y) / counts.clamp_min(1)[:, None]  # P_c of each slot
-    chol, _ = torch.linalg.cholesky_ex(systems)
-    u = torch.cholesky_solve(slot_protos[:, :, None], chol)[:, :, 0]  # [M, K]
+    u = _spd_solve(systems, slot_protos[:, :, None])[:, :, 0]  # [M, K]
     return counts[slot] * (z * u[slot]).sum(1)
 
 
