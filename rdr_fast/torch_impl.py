@@ -107,11 +107,16 @@ def sample_weights_torch(ratios, labels, class_factors, temperature: float, use_
 
 
 def update_prototypes_torch_(protos, seen, z, labels, momentum: float) -> None:
-    """SPEC §2 step 4, in place on protos [C,K] and seen [C]; touches only present classes."""
-    sums = torch.zeros(protos.shape, dtype=z.dtype, device=z.device).index_add_(0, labels, z)
-    counts = torch.zeros(len(protos), dtype=z.dtype, device=z.device)
-    counts.index_add_(0, labels, torch.ones_like(labels, dtype=z.dtype))
-    mean_y = sums[labels] / counts[labels, None]
+    """SPEC §2 step 4, in place on protos [C,K] and seen [C]; touches only present classes.
+
+    Class means are accumulated per *batch slot* (the first batch index of each class),
+    so the scratch memory is [B, K] whatever C is (C may be 100 000).
+    """
+    same = labels[:, None] == labels[None, :]
+    slot = same.to(torch.uint8).argmax(1)               # first sample of y_j's class
+    sums = torch.zeros_like(z).index_add_(0, slot, z)
+    counts = same.sum(1, keepdim=True).to(z.dtype)
+    mean_y = sums[slot] / counts
     old_y = protos[labels].to(z.dtype)
     new_y = torch.where(seen[labels, None], momentum * old_y + (1 - momentum) * mean_y, mean_y)
     protos.index_put_((labels,), new_y.to(protos.dtype))
