@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import RDRLoss, run_io
 from .data import DATASETS, DataNotFoundError, load_dataset, make_loaders
 from .models import MODELS, build_model, default_model
+from .sam import VARIANTS, make_optimizer, train_step
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class Config:
     lr: float = 0.1                   # peak learning rate, cosine-annealed per epoch to 0
     momentum: float = 0.9             # SGD momentum
     weight_decay: float = 2e-4
+    sam: str = "none"                 # none | sam | asam | imbsam | ccsam | sam_k | looksam (rdr_fast.sam)
+    rho: float | None = None          # SAM radius; default per variant (rdr_fast.sam.DEFAULT_RHO)
+    sam_k: int = 5                    # sam_k / looksam: a full SAM step every k steps
+    sam_alpha: float = 0.7            # looksam's α
+    tail_threshold: float = 20        # imbsam: classes with fewer training samples are the tail
+    flat_ratio: float = 0.5           # ccsam: weight of the perturbed-classifier loss
+    sam_freeze_bn: bool = True        # freeze BatchNorm running statistics in SAM's second pass
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     amp: bool | None = None           # bf16 autocast; default on for CUDA
@@ -61,9 +69,9 @@ class Config:
 
 
 CHOICES = {"dataset": DATASETS, "model": tuple(MODELS), "loss": ("ce", "focal", "la"),
-           "reweight": ("none", "inv_freq", "cb", "rdr")}
+           "reweight": ("none", "inv_freq", "cb", "rdr"), "sam": VARIANTS}
 # What a checkpoint must agree on to be resumed by this configuration.
-IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed")
+IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed", "sam")
 
 
 def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
@@ -97,7 +105,8 @@ def parse_args(argv=None) -> Config:
 
 
 def method_name(cfg: Config) -> str:
-    return cfg.loss if cfg.reweight == "none" else f"{cfg.reweight}+{cfg.loss}"
+    name = cfg.loss if cfg.reweight == "none" else f"{cfg.reweight}+{cfg.loss}"
+    return name if cfg.sam == "none" else f"{name}+{cfg.sam}"
 
 
 def resolve(cfg: Config) -> Config:
@@ -118,8 +127,10 @@ def build(cfg: Config, ds):
     criterion = RDRLoss(ds.class_counts, model.feat_dim, base=cfg.loss, reweight=cfg.reweight,
                         momentum=cfg.rdr_momentum, temperature=cfg.temperature, tau=cfg.tau,
                         focal_gamma=cfg.focal_gamma, beta=cfg.cb_beta, validate=False).to(cfg.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.sam, model, ds.class_counts, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, rho=cfg.rho, k=cfg.sam_k, alpha=cfg.sam_alpha,
+                               tail_threshold=cfg.tail_threshold, flat_ratio=cfg.flat_ratio,
+                               freeze_bn=cfg.sam_freeze_bn)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     return model, criterion, optimizer, scheduler
 
@@ -136,12 +147,7 @@ def train_epoch(cfg, epoch, model, forward, criterion, optimizer, loader, splits
     start, images = time.perf_counter(), 0
     for step, (x, y) in enumerate(bar):
         x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            features, logits = forward(x)
-        loss = criterion(features.float(), logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(optimizer, forward, criterion, x, y, amp=cfg.amp)  # SAM: both passes, one call
         # Bookkeeping stays on the device; it is read every 20 steps, not every step.
         loss_sum += loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
