@@ -9,7 +9,8 @@ Two ops (SPEC §3), defined once here with torch.library:
 
 Which implementation runs is decided per device at import and recorded in ``BACKENDS``:
 the C++ kernels of ``rdr_fast._C`` on CPU when that extension is built, otherwise the
-vectorised PyTorch path of ``rdr_fast.torch_impl``. ``RDR_FAST_IMPL=torch`` forces the
+vectorised PyTorch path of ``rdr_fast.torch_impl``; on CUDA the Triton kernels of
+``rdr_fast.kernels`` when Triton is installed. ``RDR_FAST_IMPL=torch`` forces the
 PyTorch path and ``RDR_FAST_IMPL=reference`` the per-class reference loop (CPU only),
 for A/B runs.
 """
@@ -110,6 +111,33 @@ def _warn_missing_cpp_kernels() -> None:
                   RuntimeWarning, stacklevel=3)
 
 
+_WARNED_NO_TRITON = []
+
+
+def _cuda_kernel(name: str, impl: str, torch_kernel):
+    """(backend, kernel) for CUDA: the Triton launcher ``rdr_fast.kernels.<name>_triton``
+    when Triton is installed and RDR_FAST_IMPL is auto, else the PyTorch path (warned once,
+    at the first CUDA call, when it is only for want of Triton). Triton is imported at the
+    first CUDA call, so importing rdr_fast never imports it."""
+    import importlib.util
+
+    if impl == "auto" and importlib.util.find_spec("triton") is not None:
+        def triton_kernel(*args):
+            from . import kernels
+            return getattr(kernels, f"{name}_triton")(*args)
+        return "triton", triton_kernel
+    if impl != "auto":
+        return "torch", torch_kernel
+
+    def torch_kernel_warned(*args):
+        if not _WARNED_NO_TRITON:
+            _WARNED_NO_TRITON.append(True)
+            warnings.warn("rdr_fast: Triton is not installed; the CUDA ops use the PyTorch path",
+                          RuntimeWarning, stacklevel=2)
+        return torch_kernel(*args)
+    return "torch", torch_kernel_warned
+
+
 def _register_backends(impl: str) -> None:
     """Register the fastest available kernel per device and record the choice in BACKENDS.
 
@@ -131,8 +159,8 @@ def _register_backends(impl: str) -> None:
             cpu_impl = "reference" if impl == "reference" else "torch"
             torch.library.register_kernel(f"rdr_fast::{name}", "cpu", python_impls[cpu_impl][name], lib=LIB)
             BACKENDS[name]["cpu"] = cpu_impl
-        torch.library.register_kernel(f"rdr_fast::{name}", "cuda", python_impls["torch"][name], lib=LIB)
-        BACKENDS[name]["cuda"] = "torch"
+        BACKENDS[name]["cuda"], cuda_kernel = _cuda_kernel(name, impl, python_impls["torch"][name])
+        torch.library.register_kernel(f"rdr_fast::{name}", "cuda", cuda_kernel, lib=LIB)
 
 
 def _selected_impl() -> str:
