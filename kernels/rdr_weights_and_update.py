@@ -36,9 +36,6 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-RATIO_FLOOR = 1e-9  # SPEC §2: r ← max(r, 1e-9)
-
-
 if HAS_TRITON:
 
     @triton.jit
@@ -230,7 +227,9 @@ if HAS_TRITON:
                 for i0 in range(0, b, BS):
                     rows = i0 + ri
                     idx = tl.load(order_ptr + start + rows, mask=rows < b, other=0)
-                    w = tl.maximum(tl.load(w_ptr + idx, mask=rows < b, other=1.0), 1e-9) * factor
+                    # floor 1e-9 (SPEC §2); a bare 1e-9 would be a float32 constant in Triton
+                    floor = tl.full((BS,), 1e-9, tl.float64)
+                    w = tl.maximum(tl.load(w_ptr + idx, mask=rows < b, other=1.0), floor) * factor
                     if POW:
                         w = tl.exp(temperature * tl.log(w))
                     tl.store(w_ptr + idx, w, mask=rows < b)
@@ -279,8 +278,10 @@ def _segments(labels: torch.Tensor, programs: int):
 
 
 def _block_sizes(device: torch.device) -> tuple[int, int, int]:
-    """(BS, BK, num_warps): 32-wide register tiles on a GPU; 16 under the interpreter, so that
-    the tests' small classes already span several blocks."""
+    """(BS, BK, num_warps). BS = 16 everywhere: most classes of a long-tailed batch have
+    b_c ≤ 16, so one register tile covers them, and the sequential steps of a diagonal block
+    are BS. On a GPU, BK = 32 and 4 warps compile for sm_90 without spills (254 registers);
+    not yet tuned on a device (bench/gpu_suite.py times alternatives)."""
     return (16, 16, 1) if device.type == "cpu" else (16, 32, 4)
 
 
