@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import RDRLoss, run_io
-from .data import DATASETS, DataNotFoundError, load_dataset, make_loaders
+from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders
 from .models import MODELS, build_model, default_model
 from .sam import VARIANTS, make_optimizer, train_step
 
@@ -62,6 +62,7 @@ class Config:
     compile: bool = False             # torch.compile the model
     eval_every: int = 1               # evaluate every N epochs (and always at the end)
     num_workers: int = 0
+    loader: str = "auto"              # auto | torch | dali | gpu (rdr_fast.data.make_loaders)
     out: str | None = None            # default runs/<dataset>-<method>-<timestamp>
     resume: str | None = None         # run folder to continue
     stop_after: int | None = None     # stop after this many epochs of this invocation (resume later)
@@ -69,7 +70,7 @@ class Config:
 
 
 CHOICES = {"dataset": DATASETS, "model": tuple(MODELS), "loss": ("ce", "focal", "la"),
-           "reweight": ("none", "inv_freq", "cb", "rdr"), "sam": VARIANTS}
+           "reweight": ("none", "inv_freq", "cb", "rdr"), "loader": LOADERS, "sam": VARIANTS}
 # What a checkpoint must agree on to be resumed by this configuration.
 IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed", "sam")
 
@@ -228,7 +229,11 @@ def main(argv=None) -> dict:
                           noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download)
     except DataNotFoundError as exc:
         sys.exit(f"error: {exc}")
-    train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+    try:
+        train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                                                 loader=cfg.loader, device=cfg.device)
+    except (ImportError, ValueError) as exc:  # DALI not installed, loader unfit for the dataset
+        sys.exit(f"error: {exc}")
     model, criterion, optimizer, scheduler = build(cfg, ds)
     criterion.warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
     forward = torch.compile(model) if cfg.compile else model
@@ -244,7 +249,7 @@ def main(argv=None) -> dict:
               f"{method_name(cfg)} on {cfg.model} ({cfg.device}), writing {cfg.out}")
     end_epoch = min(cfg.epochs, start_epoch + (cfg.stop_after or cfg.epochs))
     for epoch in range(start_epoch, end_epoch):
-        train_loader.sampler.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
         tic = time.perf_counter()
         try:
             loss, weights = train_epoch(cfg, epoch, model, forward, criterion, optimizer, train_loader, ds.splits)

@@ -1,7 +1,7 @@
 """Long-tailed benchmarks for rdr_fast (SPEC §5).
 
     ds = load_dataset("cifar10_lt", data_root="data", imb_factor=100)
-    train_loader, test_loader = make_loaders(ds, 128, seed=0)
+    train_loader, test_loader = make_loaders(ds, 128, seed=0, loader="auto", device="cuda")
 
 Every dataset yields (x float32 [C, H, W], y int); classes are indexed head to tail
 (class 0 = most training samples). Conventions:
@@ -23,10 +23,11 @@ import torch
 
 from ._common import (DataNotFoundError, LTDataset, TensorImageDataset, add_symmetric_noise,
                       class_splits, long_tail_counts)
+from ._loaders import LOADERS, resolve_loader
 
 __all__ = ["DATASETS", "DataNotFoundError", "LTDataset", "SeededShuffleSampler",
            "TensorImageDataset", "add_symmetric_noise", "class_splits", "load_dataset",
-           "long_tail_counts", "make_loaders"]
+           "long_tail_counts", "make_loaders", "LOADERS", "resolve_loader", "set_epoch"]
 
 DATASETS = ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt", "places_lt")
 
@@ -92,15 +93,34 @@ class SeededShuffleSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: int = 0):
-    """(train_loader, test_loader). Train: shuffled by SeededShuffleSampler(seed),
-    drop_last=False; worker RNGs (augmentation) derive from a Generator seeded by
-    `seed`. Test: fixed order. With num_workers=0 augmentation draws from torch's
-    global RNG, so call torch.manual_seed for reproducible crops/flips."""
-    common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=num_workers > 0)
-    train = torch.utils.data.DataLoader(
-        ds.train, batch_size=batch_size, sampler=SeededShuffleSampler(len(ds.train), seed),
-        drop_last=False, generator=torch.Generator().manual_seed(seed), **common)
-    test = torch.utils.data.DataLoader(ds.test, batch_size=batch_size, shuffle=False, **common)
-    return train, test
+def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: int = 0,
+                 loader: str = "auto", device=None, shard_id: int = 0, num_shards: int = 1):
+    """(train_loader, test_loader) for `ds`: iterables of (x float32 [B, C, H, W] on
+    `device`, y int64 [B]) with len() and set_epoch(e); epoch e's order is a pure
+    function of (seed, e) and each pass advances the epoch by one.
+
+    loader: "torch" (DataLoader, num_workers processes), "gpu" (whole uint8 set on
+      `device`, batched torch augmentation; in-memory datasets; CPU works too), "dali"
+      (NVIDIA DALI, optional extra: pip install "rdr_fast[dali]"; CPU pipelines with
+      num_workers threads, default up to 4, GPU/mixed decoding on a CUDA device), or
+      "auto": gpu for in-memory datasets on a CUDA device, dali for JPEG list datasets
+      when DALI is installed, torch otherwise (see resolve_loader).
+    device: where batches land (None: CPU; the torch loader pins and copies).
+    shard_id / num_shards: this process's share for multi-process training; batch_size
+      is then the global batch (see rdr_fast.data._loaders for the convention).
+    All loaders share the augmentation of the torch path (zero-padded random crop,
+    flip p=0.5, the dataset's mean/std; deterministic test transforms) and the epoch
+    order; train batches are not dropped (the last one is partial). The torch loader
+    draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
+    workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).
+    """
+    from ._loaders import build_loaders
+    return build_loaders(ds, batch_size, seed=seed, num_workers=num_workers, loader=loader,
+                         device=device, shard_id=shard_id, num_shards=num_shards)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Set the next pass's epoch on any loader (its own set_epoch, else its batch
+    sampler's or sampler's): what train.py calls before each epoch."""
+    from ._loaders import set_epoch as _set_epoch
+    _set_epoch(loader, epoch)

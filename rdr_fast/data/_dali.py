@@ -1,0 +1,239 @@
+"""NVIDIA DALI loaders (optional: pip install "rdr_fast[dali]", i.e. nvidia-dali-cuda130).
+
+DALIArrayLoader: in-memory uint8 arrays (CIFAR-LT, Fashion-MNIST-LT, digits) through
+  external_source in batch mode. The callback serves the plan of rdr_fast.data._loaders
+  (seeded order, crop offsets, flips: a pure function of (seed, epoch), whatever DALI
+  prefetches); one fused crop_mirror_normalize does crop + flip + normalise on the
+  pre-padded set, so batches equal the gpu-resident loader's. Partial last batch.
+DALIFileLoader: JPEG file lists (ImageNet-LT, Places-LT) through readers.file with
+  files= / labels= (the re-indexed labels). Train: decode with a random-resized crop
+  (area 0.08-1, aspect 3/4-4/3), resize to image_size, colour twist
+  (brightness/contrast/saturation uniform in [0.6, 1.4], ColorJitter(0.4, 0.4, 0.4)),
+  flip p=0.5, normalise. Test: decode, resize the shorter side to
+  round(image_size * 256 / 224), centre crop image_size, normalise. The reader is
+  rebuilt each pass with the plan's order (random_shuffle off) and a pipeline seed
+  derived from (seed, epoch), so the order and the random ops are pure in (seed,
+  epoch) too; LastBatchPolicy.PARTIAL with pad_last_batch=True: every image counts
+  exactly once and the last batch is short.
+
+Without a GPU (or with a CPU device) the pipelines are CPU-only (device_id=None); on a
+CUDA device the JPEGs are decoded with device="mixed" (nvJPEG / nvImageCodec) and the
+augmentation runs on the GPU. Known deviations from torchvision for the JPEG path:
+DALI applies brightness, contrast, saturation in a fixed order (torchvision randomises
+it) and contrast pivots on mid-grey rather than the image's mean; resize/crop rounding
+can differ by one pixel; the random-resized-crop fallback after 10 failed attempts
+differs in detail.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._loaders import EpochLoader
+
+INSTALL_HINT = ('pip install "rdr_fast[dali]" (the nvidia-dali-cuda130 wheel; '
+                'nvidia-dali-cuda120 for CUDA 12 drivers)')
+
+
+class DALINotInstalledError(ImportError):
+    """loader='dali' was asked for but nvidia.dali cannot be imported."""
+
+
+def require_dali():
+    """Import nvidia.dali lazily; a clear DALINotInstalledError if it is missing."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except ImportError as exc:
+        raise DALINotInstalledError(
+            f"the DALI loader needs NVIDIA DALI, which is not installed ({exc}). "
+            f"Install it with: {INSTALL_HINT}, or choose --loader torch / gpu") from None
+    return nvidia.dali
+
+
+def dali_available() -> bool:
+    try:
+        require_dali()
+    except DALINotInstalledError:
+        return False
+    return True
+
+
+def _device_id(device):
+    """(device_id for the pipeline, on_gpu) for a torch device spec."""
+    if device is None:
+        return None, False
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None, False
+    return (dev.index if dev.index is not None else torch.cuda.current_device()), True
+
+
+def _pipeline_seed(seed: int, epoch: int, shard_id: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(shard_id) * 104_729) % (2 ** 31 - 1)
+
+
+class _DALILoader(EpochLoader):
+    def __init__(self, n, batch_size, *, device, num_threads, **kw):
+        require_dali()
+        super().__init__(n, batch_size, **kw)
+        self.device_id, self.on_gpu = _device_id(device)
+        self.num_threads = int(num_threads)
+
+    @staticmethod
+    def _batches(iterator):
+        for out in iterator:
+            yield out[0]["x"], out[0]["y"].reshape(-1).long()
+
+
+class DALIArrayLoader(_DALILoader):
+    """In-memory uint8 [N, C, H, W] images (a TensorImageDataset) through DALI."""
+
+    def __init__(self, dataset, batch_size, *, seed=0, train=True, device=None, num_threads=2,
+                 shard_id=0, num_shards=1):
+        super().__init__(len(dataset), batch_size, seed=seed, train=train, device=device,
+                         num_threads=num_threads, pad=getattr(dataset, "pad", 0),
+                         flip=getattr(dataset, "flip", False), shard_id=shard_id,
+                         num_shards=num_shards)
+        images = dataset.images
+        self.height, self.width = images.shape[-2:]
+        if self.pad:
+            images = torch.nn.functional.pad(images, (self.pad,) * 4)
+        self.images = np.ascontiguousarray(images.numpy())              # [N, C, H+2p, W+2p]
+        self.targets = dataset.targets.numpy().astype(np.int64)
+        scale = dataset.scale
+        self.mean = [m * scale for m in dataset.mean]
+        self.std = [s * scale for s in dataset.std]
+        self._pipe = self._iter = None
+        self._feeds = {}            # DALI epoch index -> this pass's plan (numpy)
+        self._dali_epoch = -1       # DALI epoch index of the pass being served
+        self._clean = False         # the last pass ran to its end (reset is allowed)
+
+    def _feed(self, plan):
+        span = 2 * self.pad
+        pos = (lambda t: (t.numpy() / span).astype(np.float32)) if span else \
+            (lambda t: np.full(len(t), 0.5, dtype=np.float32))
+        return dict(idx=plan.idx.numpy(), y=pos(plan.top), x=pos(plan.left),
+                    mirror=plan.flip.numpy().astype(np.int32), steps=plan.steps)
+
+    def _source(self, info):
+        """external_source callback: batch `info.iteration` of DALI epoch `info.epoch_idx`."""
+        feed = self._feeds[info.epoch_idx]
+        if info.iteration >= len(feed["steps"]):
+            raise StopIteration
+        lo, hi = feed["steps"][info.iteration]
+        idx = feed["idx"][lo:hi]
+        return (self.images[idx], self.targets[idx], feed["y"][lo:hi], feed["x"][lo:hi],
+                feed["mirror"][lo:hi])
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        @pipeline_def
+        def graph():
+            x, y, pos_y, pos_x, mirror = fn.external_source(
+                source=self._source, num_outputs=5, batch=True, batch_info=True,
+                layout=["CHW", "", "", "", ""])
+            if self.on_gpu:
+                x, y = x.gpu(), y.gpu()
+            x = fn.crop_mirror_normalize(x, crop=(self.height, self.width), crop_pos_x=pos_x,
+                                         crop_pos_y=pos_y, mirror=mirror, mean=self.mean,
+                                         std=self.std, dtype=types.FLOAT, output_layout="CHW")
+            return x, y
+
+        self._pipe = graph(batch_size=self.max_batch, num_threads=self.num_threads,
+                           device_id=self.device_id, seed=_pipeline_seed(self.seed, 0, self.shard_id),
+                           prefetch_queue_depth=2)
+        self._pipe.build()
+        self._iter = DALIGenericIterator([self._pipe], ["x", "y"], auto_reset=False,
+                                         prepare_first_batch=False)
+        self._feeds, self._dali_epoch, self._clean = {}, -1, True
+
+    def __iter__(self):
+        plan = self._next_plan()
+        if self._iter is None or not self._clean:
+            self._iter = self._pipe = None       # abandoned mid-pass: start afresh
+            self._build()
+        self._clean = False
+        # The feed must be registered before the pipeline prefetches this pass, i.e.
+        # before the reset that starts DALI's next epoch (the first pass needs none).
+        self._dali_epoch += 1
+        self._feeds = {self._dali_epoch: self._feed(plan)}
+        if self._dali_epoch > 0:
+            self._iter.reset()
+        yield from self._batches(self._iter)
+        self._clean = True
+
+
+class DALIFileLoader(_DALILoader):
+    """JPEG files (a ListImageDataset) through DALI's file reader and image decoder."""
+
+    def __init__(self, dataset, batch_size, *, image_size=224, seed=0, train=True, device=None,
+                 num_threads=2, shard_id=0, num_shards=1):
+        augment = train and _is_train_transform(getattr(dataset, "transform", None))
+        super().__init__(len(dataset), batch_size, seed=seed, train=train, device=device,
+                         num_threads=num_threads, shard_id=shard_id, num_shards=num_shards)
+        if train and num_shards > 1 and batch_size % num_shards:
+            raise ValueError(f"the DALI file loader needs batch_size ({batch_size}) divisible "
+                             f"by num_shards ({num_shards}) so that every shard's reader "
+                             "batches line up with the global batches")
+        self.augment = augment
+        self.paths = list(dataset.paths)
+        self.targets = dataset.targets.numpy().astype(np.int64)
+        self.image_size = int(image_size)
+        self.resize_shorter = round(self.image_size * 256 / 224)
+        from ._oltr import IMAGENET_NORM
+        self.mean = [m * 255 for m in IMAGENET_NORM[0]]
+        self.std = [s * 255 for s in IMAGENET_NORM[1]]
+
+    def _pipeline(self, files, labels, seed):
+        from nvidia.dali import fn, pipeline_def, types
+        decode_dev = "mixed" if self.on_gpu else "cpu"
+        size = self.image_size
+
+        @pipeline_def
+        def graph():
+            jpegs, y = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                       pad_last_batch=True, name="Reader")
+            if self.augment:
+                img = fn.decoders.image_random_crop(
+                    jpegs, device=decode_dev, output_type=types.RGB, random_area=[0.08, 1.0],
+                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                img = fn.resize(img, resize_x=size, resize_y=size)
+                jitter = dict(range=[0.6, 1.4])
+                img = fn.color_twist(img, brightness=fn.random.uniform(**jitter),
+                                     contrast=fn.random.uniform(**jitter),
+                                     saturation=fn.random.uniform(**jitter))
+                x = fn.crop_mirror_normalize(img, mirror=fn.random.coin_flip(probability=0.5),
+                                             mean=self.mean, std=self.std, dtype=types.FLOAT,
+                                             output_layout="CHW")
+            else:
+                img = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
+                img = fn.resize(img, resize_shorter=self.resize_shorter)
+                x = fn.crop_mirror_normalize(img, crop=(size, size), mean=self.mean,
+                                             std=self.std, dtype=types.FLOAT, output_layout="CHW")
+            return x, (y.gpu() if self.on_gpu else y)
+
+        return graph(batch_size=self.max_batch, num_threads=self.num_threads,
+                     device_id=self.device_id, seed=seed)
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        epoch = self.epoch
+        plan = self._next_plan()
+        if not plan.steps:
+            return
+        idx = plan.idx.numpy()
+        files = [self.paths[i] for i in idx]
+        labels = self.targets[idx].astype(np.int32).tolist()
+        pipe = self._pipeline(files, labels, _pipeline_seed(self.seed, epoch, self.shard_id))
+        it = DALIGenericIterator([pipe], ["x", "y"], reader_name="Reader",
+                                 last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        yield from self._batches(it)
+
+
+def _is_train_transform(transform) -> bool:
+    """Whether a ListImageDataset's torchvision transform is the augmenting one."""
+    steps = getattr(transform, "transforms", [transform])
+    return any(type(t).__name__ == "RandomResizedCrop" for t in steps)
