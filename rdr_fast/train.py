@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import RDRLoss, run_io
+from . import RDRLoss, distributed, run_io
 from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders
 from .models import MODELS, build_model, default_model
 from .sam import VARIANTS, make_optimizer, train_step
@@ -123,8 +123,12 @@ def resolve(cfg: Config) -> Config:
         warmup_epochs=cfg.epochs * 5 / 200 if cfg.warmup_epochs is None else cfg.warmup_epochs)
 
 
-def build(cfg: Config, ds):
+def build(cfg: Config, ds, ctx=distributed.DistContext()):
+    """(model, forward, criterion, optimizer, scheduler); `forward` is what the loop calls
+    (the model, or its DDP / compiled wrapper), `model` what checkpoints save."""
     model = build_model(cfg.model, ds.num_classes, ds.in_channels, cfg.pretrained).to(cfg.device)
+    forward = distributed.wrap_model(model, ctx, cfg.device) if ctx.enabled else model
+    forward = torch.compile(forward) if cfg.compile else forward
     criterion = RDRLoss(ds.class_counts, model.feat_dim, base=cfg.loss, reweight=cfg.reweight,
                         momentum=cfg.rdr_momentum, temperature=cfg.temperature, tau=cfg.tau,
                         focal_gamma=cfg.focal_gamma, beta=cfg.cb_beta, validate=False).to(cfg.device)
@@ -133,7 +137,7 @@ def build(cfg: Config, ds):
                                tail_threshold=cfg.tail_threshold, flat_ratio=cfg.flat_ratio,
                                freeze_bn=cfg.sam_freeze_bn)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    return model, criterion, optimizer, scheduler
+    return model, forward, criterion, optimizer, scheduler
 
 
 def train_epoch(cfg, epoch, model, forward, criterion, optimizer, loader, splits):
@@ -156,13 +160,16 @@ def train_epoch(cfg, epoch, model, forward, criterion, optimizer, loader, splits
         seen_count.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
         images += len(y)
         if step % 20 == 0 or step == len(loader) - 1:
-            if int(first_bad) >= 0:
+            if int(distributed.all_reduce_(first_bad.clone(), "max")) >= 0:  # every rank stops together
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1}; "
                                          "the last good checkpoint is kept")
             bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.4f}",
                             img_s=f"{images / (time.perf_counter() - start):.0f}")
+    for total in (weight_sum, seen_count, loss_sum):
+        distributed.all_reduce_(total)
     means = {s: float(weight_sum[lo:hi].sum() / seen_count[lo:hi].sum().clamp_min(1)) for s, (lo, hi) in splits.items()}
-    return float(loss_sum) / max(1, len(loader)), means
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return float(loss_sum) / max(1, len(loader) * world), means
 
 
 @torch.no_grad()
@@ -178,6 +185,8 @@ def evaluate(cfg, model, loader, splits) -> dict:
             _, logits = model(x)
         total.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
         correct.index_add_(0, y, (logits.argmax(1) == y).float())
+    distributed.all_reduce_(correct)  # each rank saw a disjoint slice of the test set
+    distributed.all_reduce_(total)
     metrics = {"acc_all": float(100 * correct.sum() / total.sum())}
     for split, (lo, hi) in splits.items():
         metrics[f"acc_{split}"] = float(100 * correct[lo:hi].sum() / total[lo:hi].sum().clamp_min(1))
@@ -189,8 +198,10 @@ def identity(cfg: Config, ds) -> dict:
     return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "class_counts": list(ds.class_counts)}
 
 
-def restore(cfg, ds, model, criterion, optimizer, scheduler):
-    """Load the run's checkpoint into the objects; returns (next epoch, metric history)."""
+def restore(cfg, ds, ctx, model, criterion, optimizer, scheduler):
+    """Load the run's checkpoint into the objects; returns (next epoch, metric history).
+    Each rank takes its own saved RNG state; with another world size than the saved
+    run's, RNGs are re-seeded from (seed, epoch, rank) instead."""
     try:
         state = run_io.load_checkpoint(cfg.out, identity(cfg, ds))
     except run_io.CheckpointError as exc:
@@ -198,21 +209,35 @@ def restore(cfg, ds, model, criterion, optimizer, scheduler):
     for obj, key in ((model, "model"), (criterion, "criterion"), (optimizer, "optimizer"),
                      (scheduler, "scheduler")):
         obj.load_state_dict(state[key])
-    run_io.set_rng_state(state["rng"])
+    if len(state["rng"]) == ctx.world_size:
+        run_io.set_rng_state(state["rng"][ctx.rank])
+    else:
+        torch.manual_seed(cfg.seed + 7919 * state["epoch"] + ctx.rank)
     return state["epoch"], state["history"]
 
 
-def log_epoch(cfg, history, row) -> None:
-    history.append(row)
+def set_epoch(loader, epoch: int) -> None:
+    """Make the loader's shuffle order that of `epoch` (a pure function of seed and epoch)."""
+    for owner in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), loader):
+        if hasattr(owner, "set_epoch"):
+            owner.set_epoch(epoch)
+            return
+
+
+def log_epoch(cfg, history) -> None:
+    """metrics.csv with the new row, and a line on the console."""
+    row = history[-1]
     run_io.write_metrics(cfg.out, history)
     if not cfg.quiet:
         print(f"epoch {row['epoch']:>4}  loss {row['train_loss']:.4f}  top-1 {row['acc_all']:6.2f}  "
               f"many {row['acc_many']:6.2f}  med {row['acc_medium']:6.2f}  few {row['acc_few']:6.2f}")
 
 
-def finish(cfg, ds, model, test_loader, history) -> None:
+def finish(cfg, ds, ctx, model, test_loader, history) -> None:
     """summary.json and the closing table, once the last epoch is done."""
     final = evaluate(cfg, model, test_loader, ds.splits)
+    if not ctx.is_main:
+        return
     summary = {**history[-1], "per_class": final["per_class"], "class_counts": ds.class_counts,
                "splits": ds.splits, "label_map": {str(k): v for k, v in ds.label_map.items()},
                "method": method_name(cfg)}
@@ -223,33 +248,39 @@ def finish(cfg, ds, model, test_loader, history) -> None:
 
 def main(argv=None) -> dict:
     cfg = resolve(parse_args(argv))
-    torch.manual_seed(cfg.seed)
+    ctx = distributed.init_distributed(cfg.device)
+    cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device),
+                              quiet=cfg.quiet or not ctx.is_main)
+    torch.manual_seed(cfg.seed + ctx.rank)
     try:
         ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor,
                           noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download)
     except DataNotFoundError as exc:
         sys.exit(f"error: {exc}")
-    try:
-        train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-                                                 loader=cfg.loader, device=cfg.device)
-    except (ImportError, ValueError) as exc:  # DALI not installed, loader unfit for the dataset
-        sys.exit(f"error: {exc}")
-    model, criterion, optimizer, scheduler = build(cfg, ds)
+    if ctx.enabled:
+        train_loader, test_loader = distributed.make_distributed_loaders(ds, cfg.batch_size, cfg.seed, ctx,
+                                                                         cfg.num_workers)
+    else:
+        try:
+            train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                                                     loader=cfg.loader, device=cfg.device)
+        except (ImportError, ValueError) as exc:  # DALI not installed, loader unfit for the dataset
+            sys.exit(f"error: {exc}")
+    model, forward, criterion, optimizer, scheduler = build(cfg, ds, ctx)
     criterion.warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
-    forward = torch.compile(model) if cfg.compile else model
     os.makedirs(cfg.out, exist_ok=True)
     start_epoch, history = 0, []
     if cfg.resume:
-        start_epoch, history = restore(cfg, ds, model, criterion, optimizer, scheduler)
-    else:
+        start_epoch, history = restore(cfg, ds, ctx, model, criterion, optimizer, scheduler)
+    elif ctx.is_main:
         run_io.write_json(os.path.join(cfg.out, "config.json"),
                           {**dataclasses.asdict(cfg), "git_commit": run_io.git_commit()})
     if not cfg.quiet:
         print(f"{cfg.dataset}: {len(ds.train)} train / {len(ds.test)} test, {ds.num_classes} classes, "
-              f"{method_name(cfg)} on {cfg.model} ({cfg.device}), writing {cfg.out}")
+              f"{method_name(cfg)} on {cfg.model} ({cfg.device} x{ctx.world_size}), writing {cfg.out}")
     end_epoch = min(cfg.epochs, start_epoch + (cfg.stop_after or cfg.epochs))
     for epoch in range(start_epoch, end_epoch):
-        train_loader.set_epoch(epoch)
+        set_epoch(train_loader, epoch)
         tic = time.perf_counter()
         try:
             loss, weights = train_epoch(cfg, epoch, model, forward, criterion, optimizer, train_loader, ds.splits)
@@ -260,18 +291,23 @@ def main(argv=None) -> dict:
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             metrics = evaluate(cfg, model, test_loader, ds.splits)
             metrics.pop("per_class")
-            log_epoch(cfg, history, {"epoch": epoch + 1, "train_loss": loss, "lr": lr, **metrics,
-                                     **{f"weight_{s}": w for s, w in weights.items()},
-                                     "epoch_seconds": time.perf_counter() - tic})
-        run_io.save_checkpoint(cfg.out, {
-            "identity": identity(cfg, ds), "epoch": epoch + 1, "history": history,
-            "model": model.state_dict(), "criterion": criterion.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": run_io.rng_state()})
-    if history:
+            row = {"epoch": epoch + 1, "train_loss": loss, "lr": lr, **metrics,
+                   **{f"weight_{s}": w for s, w in weights.items()}, "epoch_seconds": time.perf_counter() - tic}
+            history.append(row)
+            if ctx.is_main:
+                log_epoch(cfg, history)
+        rng = distributed.gather_objects(run_io.rng_state())  # collective: every rank takes part
+        if ctx.is_main:
+            run_io.save_checkpoint(cfg.out, {
+                "identity": identity(cfg, ds), "epoch": epoch + 1, "history": history,
+                "model": model.state_dict(), "criterion": criterion.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng})
+    if history and ctx.is_main:
         run_io.plot_history(cfg.out, history, f"{cfg.dataset} {method_name(cfg)}")
     finished = end_epoch == cfg.epochs and bool(history)
     if finished:
-        finish(cfg, ds, model, test_loader, history)
+        finish(cfg, ds, ctx, model, test_loader, history)
+    distributed.shutdown(ctx)
     return {"finished": finished, "history": history, "out": cfg.out}
 
 
