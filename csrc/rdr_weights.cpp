@@ -25,27 +25,57 @@
 #include <vector>
 
 #include "checks.h"
+#include "multiversion.h"
 
 namespace {
 
 constexpr const char* kOp = "rdr_weights_and_update";
 constexpr double kRatioFloor = 1e-9;         // SPEC §2: r ← max(r, 1e-9)
 constexpr int64_t kParallelWork = 1 << 15;   // multiply-adds under which threads cost more than they save
-constexpr int kLanes = 8;
 
-// Σ a_k b_k in double. Independent partial sums let the compiler vectorise the loop
-// without reassociating floating-point additions (we do not build with -ffast-math).
+// The hot loops, written once as templates. `omp simd` lets the compiler vectorise the
+// reductions without -ffast-math; their order is fixed per build, so results never
+// depend on the thread count. Products of floats are exact in double.
 template <typename A, typename B>
-inline double dot(const A* a, const B* b, int64_t n) {
-  double acc[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(a[k + l]) * static_cast<double>(b[k + l]);
-  }
+inline double dot_of(const A* a, const B* b, int64_t n) {
   double sum = 0.0;
-  for (; k < n; ++k) sum += static_cast<double>(a[k]) * static_cast<double>(b[k]);
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(a[k]) * static_cast<double>(b[k]);
   return sum;
+}
+
+template <typename T>
+inline void add_row_of(double* acc, const T* x, int64_t n) {  // acc += x, in double
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<double>(x[k]);
+}
+
+// P ← μP + (1 − μ)·mean, or P ← mean for a class never seen (its old row is ignored).
+// The mean multiplies by 1/b: a vector division would cost more than the rest together.
+template <typename P>
+inline void blend_row_of(P* proto, const double* sum, int64_t n, double count, double momentum, bool seen) {
+  const double inv = 1.0 / count, take = (1.0 - momentum) * inv;
+  if (!seen) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) proto[k] = static_cast<P>(sum[k] * inv);
+    return;
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) proto[k] = static_cast<P>(momentum * static_cast<double>(proto[k]) + take * sum[k]);
+}
+
+// One clone per ISA level for each dtype pair (features and prototypes are float or double).
+RDR_MULTIVERSION double dot(const float* a, const float* b, int64_t n) { return dot_of(a, b, n); }
+RDR_MULTIVERSION double dot(const float* a, const double* b, int64_t n) { return dot_of(a, b, n); }
+RDR_MULTIVERSION double dot(const double* a, const float* b, int64_t n) { return dot_of(a, b, n); }
+RDR_MULTIVERSION double dot(const double* a, const double* b, int64_t n) { return dot_of(a, b, n); }
+RDR_MULTIVERSION void add_row(double* acc, const float* x, int64_t n) { add_row_of(acc, x, n); }
+RDR_MULTIVERSION void add_row(double* acc, const double* x, int64_t n) { add_row_of(acc, x, n); }
+RDR_MULTIVERSION void blend_row(float* proto, const double* sum, int64_t n, double count, double momentum, bool seen) {
+  blend_row_of(proto, sum, n, count, momentum, seen);
+}
+RDR_MULTIVERSION void blend_row(double* proto, const double* sum, int64_t n, double count, double momentum, bool seen) {
+  blend_row_of(proto, sum, n, count, momentum, seen);
 }
 
 // The batch's rows grouped by class: class c owns order[start[c] .. start[c + 1]), in
@@ -138,7 +168,9 @@ struct ClassStep {
       for (int64_t k = 0; k < dim; ++k) x[k] = static_cast<double>(xi[k]);
       for (int64_t p = 0; p < dim; ++p) {  // rank-1 update of the lower triangle
         double* row = gram + p * dim;
-        for (int64_t q = 0; q <= p; ++q) row[q] += x[p] * x[q];
+        const double xp = x[p];
+#pragma omp simd
+        for (int64_t q = 0; q <= p; ++q) row[q] += xp * x[q];
       }
       trace += dot(x, x, dim);
     }
@@ -153,17 +185,10 @@ struct ClassStep {
     }
   }
 
-  void update_prototype(const int64_t* rows, int64_t b, bool was_seen, P* proto, std::vector<double>& mean) const {
-    mean.assign(dim, 0.0);
-    for (int64_t i = 0; i < b; ++i) {
-      const T* xi = z + rows[i] * dim;
-      for (int64_t k = 0; k < dim; ++k) mean[k] += static_cast<double>(xi[k]);
-    }
-    const double count = static_cast<double>(b);
-    for (int64_t k = 0; k < dim; ++k) {
-      const double m = mean[k] / count;
-      proto[k] = static_cast<P>(was_seen ? momentum * static_cast<double>(proto[k]) + (1.0 - momentum) * m : m);
-    }
+  void update_prototype(const int64_t* rows, int64_t b, bool was_seen, P* proto, std::vector<double>& sum) const {
+    sum.assign(dim, 0.0);
+    for (int64_t i = 0; i < b; ++i) add_row(sum.data(), z + rows[i] * dim, dim);
+    blend_row(proto, sum.data(), dim, static_cast<double>(b), momentum, was_seen);
   }
 
   // Runs classes present[first .. last): solve with the old prototype, then update it.

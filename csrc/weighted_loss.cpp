@@ -21,15 +21,16 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "multiversion.h"
 
 namespace {
 
 constexpr const char* kOp = "weighted_loss";
 constexpr int64_t kParallelElems = 1 << 14;  // logits per thread below which one thread is faster
-constexpr int kLanes = 16;
 
 // exp(x) for float in branch-free arithmetic the compiler can vectorise (std::exp is a
 // scalar libm call): x = n ln2 + r with |r| ≤ ln2/2, e^r by Cephes' expf polynomial
@@ -54,39 +55,43 @@ inline float exp_float(float x) {
 inline double exp_of(double x) { return std::exp(x); }
 inline float exp_of(float x) { return exp_float(x); }
 
-// max over a row, with independent lanes so it vectorises.
+// The three row loops. `omp simd` vectorises their reductions and compare-selects without
+// -ffast-math; a reduction's order is fixed per build, never per thread count.
 template <typename S>
-S row_max(const S* x, int64_t n) {
-  S lane[kLanes];
-  std::fill(lane, lane + kLanes, x[0]);
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lane[l] = x[k + l] > lane[l] ? x[k + l] : lane[l];
-  }
-  for (; k < n; ++k) lane[0] = x[k] > lane[0] ? x[k] : lane[0];
-  return *std::max_element(lane, lane + kLanes);
+inline S max_of(const S* x, int64_t n) {
+  S m = x[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t k = 0; k < n; ++k) m = x[k] > m ? x[k] : m;
+  return m;
 }
 
-// x_k ← exp(x_k − shift) in place; returns Σ_k of the new x_k (lane sums, then double).
+// x_k ← exp(x_k − shift) in place; returns Σ_k of the new x_k.
 template <typename S>
-double exp_shifted_sum(S* x, int64_t n, S shift) {
-  S lane[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const S e = exp_of(static_cast<S>(x[k + l] - shift));
-      x[k + l] = e;
-      lane[l] += e;
-    }
+inline S exp_shifted_sum_of(S* x, int64_t n, S shift) {
+  S sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < n; ++k) {
+    const S e = exp_of(static_cast<S>(x[k] - shift));
+    x[k] = e;
+    sum += e;
   }
-  double sum = 0.0;
-  for (; k < n; ++k) {
-    x[k] = exp_of(static_cast<S>(x[k] - shift));
-    sum += x[k];
-  }
-  for (int l = 0; l < kLanes; ++l) sum += lane[l];
   return sum;
 }
+
+template <typename S, typename T>
+inline void scale_into(const S* x, int64_t n, S scale, T* out) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(scale * x[k]);
+}
+
+// float, the training dtype, gets one clone per ISA level (the exp pass dominates).
+RDR_MULTIVERSION float row_max(const float* x, int64_t n) { return max_of(x, n); }
+RDR_MULTIVERSION float exp_shifted_sum(float* x, int64_t n, float shift) { return exp_shifted_sum_of(x, n, shift); }
+RDR_MULTIVERSION void scale_row(const float* x, int64_t n, float scale, float* out) { scale_into(x, n, scale, out); }
+double row_max(const double* x, int64_t n) { return max_of(x, n); }
+double exp_shifted_sum(double* x, int64_t n, double shift) { return exp_shifted_sum_of(x, n, shift); }
+template <typename S, typename T>
+void scale_row(const S* x, int64_t n, S scale, T* out) { scale_into(x, n, scale, out); }
 
 // ℓ = −(1−p)^γ log p and dℓ/dlog p = γ(1−p)^{γ−1} p log p − (1−p)^γ, in double.
 inline void loss_terms(double log_pt, double gamma, double* loss, double* slope) {
@@ -140,7 +145,7 @@ struct LossRows {
   // g_k = coef · (1[k = y] − e_k / sum), from e = exp(x − max) held in x.
   void write_grad(const S* e, int64_t y, double coef, double sum, T* out) const {
     const S scale = static_cast<S>(-coef / sum);
-    for (int64_t k = 0; k < classes; ++k) out[k] = static_cast<T>(scale * e[k]);
+    scale_row(e, classes, scale, out);
     out[y] = static_cast<T>(static_cast<double>(scale) * static_cast<double>(e[y]) + coef);
   }
 };
@@ -183,14 +188,12 @@ std::tuple<at::Tensor, at::Tensor> weighted_loss_cpu(const at::Tensor& logits, c
   at::Tensor grad = compute_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   std::vector<double> row_loss(batch, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "weighted_loss_cpu", [&] {
-    using logit_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(compute, "weighted_loss_cpu", [&] {
-      const LossRows<logit_t, scalar_t> rows{
-          x.data_ptr<logit_t>(), y.data_ptr<int64_t>(), w.data_ptr<scalar_t>(),
-          adjust.defined() ? adjust.data_ptr<scalar_t>() : nullptr, batch, classes, focal_gamma,
-          compute_grad ? grad.data_ptr<logit_t>() : nullptr, row_loss.data()};
-      at::parallel_for(0, batch, std::max<int64_t>(1, kParallelElems / classes), rows);
-    });
+    using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const LossRows<scalar_t, compute_t> rows{
+        x.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), w.data_ptr<compute_t>(),
+        adjust.defined() ? adjust.data_ptr<compute_t>() : nullptr, batch, classes, focal_gamma,
+        compute_grad ? grad.data_ptr<scalar_t>() : nullptr, row_loss.data()};
+    at::parallel_for(0, batch, std::max<int64_t>(1, kParallelElems / classes), rows);
   });
   double total = 0.0;
   for (double v : row_loss) total += v;
