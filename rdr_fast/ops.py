@@ -56,9 +56,16 @@ def _(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    # The returned gradient is data, not something to differentiate: without these two
+    # lines autograd materialises a [B, C] zero tensor for its (unused) incoming gradient
+    # on every backward, a pass over the logits as costly as the fused kernel itself.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:  # grads are not materialised: no gradient reached the loss
+        return None, None, None, None, None, None
     (grad_logits,) = ctx.saved_tensors
     return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None, None
 
