@@ -2,6 +2,8 @@
 classification, with fused kernels. See README.md and ../shared/SPEC.md."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
 
@@ -15,15 +17,13 @@ def _load_cpp_kernels() -> str | None:
     """
     if os.environ.get("RDR_FAST_IMPL", "").strip().lower() in ("torch", "reference"):
         return None
+    if importlib.util.find_spec(f"{__name__}._C") is None:
+        return ("rdr_fast._C is not built (RDR_FAST_BUILD_CPP=0, no C++ toolchain, or a failed build at "
+                "install time; reinstall with `pip install --no-build-isolation -e .` to build it)")
     try:
         import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
-        from . import _C  # noqa: F401
-    except ModuleNotFoundError as err:
-        if err.name != f"{__name__}._C":
-            return f"importing rdr_fast._C failed: {err}"
-        return ("rdr_fast._C is not built (RDR_FAST_BUILD_CPP=0, no C++ toolchain, or a failed build at "
-                "install time; reinstall with `pip install --no-build-isolation -e .` to build it)")
+        importlib.import_module(f"{__name__}._C")
     except Exception as err:  # noqa: BLE001 — e.g. built against another torch: undefined symbols
         return f"loading rdr_fast._C failed ({type(err).__name__}: {err})"
     return None
