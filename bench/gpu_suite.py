@@ -5,8 +5,8 @@
 
 1. install: ``pip install --no-build-isolation --no-deps -e .`` (builds rdr_fast._C against
    the torch already there; never reinstalls torch);
-2. tests: the CUDA tests (tests/test_triton.py, test_functional.py, test_ops.py), then
-   tests/test_triton.py again under TRITON_INTERPRET=1 (Triton fixes the mode at import);
+2. tests: tests/test_triton.py (its CUDA variant compiled, its CPU variant in Triton's
+   interpreter, in the same process), test_functional.py and test_ops.py;
 3. bench, in a fresh process: weights+update (reference loop on the GPU and on the CPU,
    PyTorch path, Triton; eager and CUDA-graph replay), the weighted loss, and ResNet-32
    training steps (B=128, C=100, CIFAR-shaped random tensors: CE, RDR, SAM, RDR+SAM,
@@ -384,15 +384,12 @@ def main(argv=None) -> dict:
     if not (args.dry_run or args.skip_tests):
         pytest = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
         result["tests"].append(run_logged(pytest + ["tests/test_triton.py", "tests/test_functional.py",
-                                                    "tests/test_ops.py"], os.path.join(args.out, "tests_cuda.log"),
-                                          max(30, deadline - time.time() - 200), env))
-        result["tests"].append(run_logged(pytest + ["tests/test_triton.py"], os.path.join(args.out, "tests_interp.log"),
-                                          max(30, deadline - time.time() - 150), {**env, "TRITON_INTERPRET": "1"}))
-    bench_env = {**env, "TRITON_INTERPRET": "1"} if args.dry_run else env
+                                                    "tests/test_ops.py"], os.path.join(args.out, "tests.log"),
+                                          max(60, deadline - time.time() - 200), env))
     bench_cmd = [sys.executable, os.path.abspath(__file__), "--phase", "bench", "--out", args.out,
                  "--deadline", str(deadline - 20)] + (["--dry-run"] if args.dry_run else [])
     result["bench_run"] = run_logged(bench_cmd, os.path.join(args.out, "bench.log"), max(30, deadline - time.time()),
-                                     bench_env)
+                                     env)
     part = os.path.join(args.out, "bench_part.json")
     if os.path.exists(part):
         with open(part) as f:

@@ -1,13 +1,18 @@
-"""What every launcher in rdr_fast.kernels shares: the Triton import guard and the
-interpreter hook.
+"""What every launcher in rdr_fast.kernels shares: the Triton import guard, the reduction
+combiners, and the interpreter hook.
 
-Triton decides when ``triton`` is imported and each ``@triton.jit`` runs (its own
-``tl.zeros``, ``tl.cdiv``... included) whether kernels are compiled or interpreted, from
-the environment variable ``TRITON_INTERPRET``. With ``TRITON_INTERPRET=1`` set before that
-import, the launchers accept CPU tensors and run the kernels in Triton's interpreter
-(NumPy, one program after another): that is how CI, which has no GPU, tests them
-(tests/test_triton.py). Without it, kernels are compiled and need CUDA tensors. One process
-cannot do both; bench/gpu_suite.py runs the interpreter tests in a second process.
+Interpreter hook. Triton fixes at decoration time (``@triton.jit``, its own ``tl.sum``,
+``tl.zeros``... included) whether a kernel is compiled or interpreted, from the
+environment variable ``TRITON_INTERPRET``. The launchers accept CPU tensors either way:
+``launchable(kernel, device)`` hands a CPU launch to Triton's interpreter (NumPy, one
+program after another) over the kernel's own Python source, even when Triton was
+imported without ``TRITON_INTERPRET=1`` (a GPU machine, or a test session where
+something imported Triton first). That only works because the kernels call no
+``@triton.jit`` function themselves: no helpers of their own, no ``tl.sum``/``tl.max``/
+``tl.zeros``/``tl.cdiv``; reductions are ``tl.reduce(x, axis, _ADD or _MAX)`` with
+Triton's own combiners, which the interpreter recognises and reduces with NumPy. This is
+how CI (no GPU) tests the kernels (tests/test_triton.py); CUDA tensors always get the
+compiled kernel.
 """
 from __future__ import annotations
 
@@ -16,6 +21,25 @@ import importlib.util
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    # Triton's combiners behind tl.sum and tl.max (private names, in Triton 2.x to 3.8);
+    # the same functions of our own would reduce element by element in the interpreter.
+    _ADD = getattr(tl.standard, "_sum_combine", None)
+    _MAX = getattr(tl.standard, "_elementwise_max", None)
+    if _ADD is None:
+        @triton.jit
+        def _ADD(a, b):
+            return a + b
+    if _MAX is None:
+        @triton.jit
+        def _MAX(a, b):
+            return tl.maximum(a, b)
+
+_INTERPRETED: dict = {}
 
 
 def interpreting(kernel) -> bool:
@@ -26,11 +50,14 @@ def interpreting(kernel) -> bool:
 
 
 def launchable(kernel, device: torch.device):
-    """``kernel``, after checking that it can run on tensors of ``device``."""
-    if device.type == "cpu" and not interpreting(kernel):
-        raise RuntimeError("rdr_fast's Triton kernels run on CPU tensors only in Triton's interpreter: set "
-                           "TRITON_INTERPRET=1 before triton is imported, or pass CUDA tensors")
-    return kernel
+    """``kernel`` as decorated for CUDA tensors; for CPU tensors, its interpreted form."""
+    if device.type != "cpu" or interpreting(kernel):
+        return kernel
+    if kernel not in _INTERPRETED:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _INTERPRETED[kernel] = InterpretedFunction(kernel.fn)
+    return _INTERPRETED[kernel]
 
 
 def next_power_of_2(n: int) -> int:

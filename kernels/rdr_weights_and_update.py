@@ -36,11 +36,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-if HAS_TRITON:
+    from ._utils import _ADD
 
     @triton.jit
     def _rdr_segment_kernel(seg_ptr, order_ptr, slabel_ptr, z_ptr, proto_ptr, proto_stride0, proto_stride1,
-                            seen_ptr, factor_ptr, w_ptr, ws_ptr, vec_ptr, K, LD,
+                            seen_ptr, seen_stride, factor_ptr, w_ptr, ws_ptr, vec_ptr, K, LD,
                             ridge: tl.float64, temperature: tl.float64, momentum: tl.float64,
                             SOLVE: tl.constexpr, WEIGHTS: tl.constexpr, UPDATE: tl.constexpr,
                             POW: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
@@ -53,13 +53,14 @@ if HAS_TRITON:
             z_ptr: [B, K] float64, features in sorted order, contiguous.
             proto_ptr: [C, K] prototypes (any float dtype) with strides proto_stride0/1;
                 read (old P_c), then overwritten in place when UPDATE.
-            seen_ptr: [C] uint8 (a view of the bool flags); set to 1 when UPDATE.
+            seen_ptr: [C] uint8 (a view of the bool flags, stride seen_stride); set to 1
+                when UPDATE.
             factor_ptr: [C] float64 class factors (N/n_c, CB's, or 1).
             w_ptr: [B] float64 out, unnormalised weights (r·factor)^γ in original order.
             ws_ptr: [B, LD] float64 workspace for the Cholesky factor, LD = min(B, K).
             vec_ptr: [B] float64 workspace for the right-hand side and the solution.
-        Scalars: K, LD; ridge (λ_c = ridge·‖X_c‖²/b_c, 1 when that is 0), temperature γ,
-            momentum μ (all float64).
+        Scalars: seen_stride, K, LD; ridge (λ_c = ridge·‖X_c‖²/b_c, 1 when that is 0),
+            temperature γ, momentum μ (the last three float64).
         Constexprs:
             SOLVE: compute density ratios (reweight "rdr"); else r ≡ 1.
             WEIGHTS: write weights at all (False for uniform weights: update only).
@@ -78,7 +79,7 @@ if HAS_TRITON:
         if start < end:
             b = end - start
             c = tl.load(slabel_ptr + start)
-            seen = tl.load(seen_ptr + c) != 0
+            seen = tl.load(seen_ptr + c * seen_stride) != 0
             ri = tl.arange(0, BS)
             ci = tl.arange(0, BS)
             rk = tl.arange(0, BK)
@@ -91,7 +92,7 @@ if HAS_TRITON:
             if WEIGHTS:
                 if solve:
                     # 1. λ = ridge · trace(X Xᵀ) / b, and 1 for an all-zero block.
-                    sq = tl.zeros((BS, BK), tl.float64)
+                    sq = tl.full((BS, BK), 0.0, tl.float64)
                     for i0 in range(0, b, BS):
                         rows = i0 + ri
                         for k0 in range(0, K, BK):
@@ -99,7 +100,7 @@ if HAS_TRITON:
                             x = tl.load(zseg + rows[:, None] * K + cols[None, :],
                                         mask=(rows[:, None] < b) & (cols[None, :] < K), other=0.0)
                             sq += x * x
-                    trace = tl.sum(tl.sum(sq, axis=1), axis=0)
+                    trace = tl.reduce(tl.reduce(sq, 1, _ADD), 0, _ADD)
                     lam = tl.where(trace > 0, ridge * trace / b, 1.0)
                     # A[i, k] = z[i*sa0 + k*sa1]: X_c when b ≤ K, X_cᵀ when b > K.
                     trans = b > K
@@ -107,14 +108,14 @@ if HAS_TRITON:
                     n = tl.maximum(b, K)
                     sa0 = tl.where(trans, 1, K)
                     sa1 = tl.where(trans, K, 1)
-                    nb = tl.cdiv(m, BS)
+                    nb = (m + BS - 1) // BS
                     # 2. Left-looking blocked Cholesky G = L Lᵀ in the workspace, each diagonal
                     #    block stored as its inverse (L_JJ itself is never needed again).
                     for jb in range(0, nb):
                         rj = jb * BS + ri
                         cj = jb * BS + ci
                         # 2a. diagonal block S = A_J A_Jᵀ − Σ_P L_JP L_JPᵀ + λI
-                        s = tl.zeros((BS, BS), tl.float64)
+                        s = tl.full((BS, BS), 0.0, tl.float64)
                         for k0 in range(0, n, BK):
                             kk = k0 + rk
                             a_j = tl.load(zseg + rj[:, None] * sa0 + kk[None, :] * sa1,
@@ -131,18 +132,18 @@ if HAS_TRITON:
                         #     by the same elimination applied to I, its inverse W = L_JJ⁻¹.
                         w_jj = tl.where(diag, 1.0, 0.0).to(tl.float64)
                         for j in range(0, BS):
-                            col = tl.sum(tl.where(ci[None, :] == j, s, 0.0), axis=1)
-                            d = tl.sqrt(tl.sum(tl.where(ri == j, col, 0.0), axis=0))
+                            col = tl.reduce(tl.where(ci[None, :] == j, s, 0.0), 1, _ADD)
+                            d = tl.sqrt(tl.reduce(tl.where(ri == j, col, 0.0), 0, _ADD))
                             lcol = tl.where(ri > j, col / d, 0.0)  # L[i, j] for i > j
                             s -= lcol[:, None] * lcol[None, :]
-                            xrow = tl.sum(tl.where(ri[:, None] == j, w_jj, 0.0), axis=0) / d
+                            xrow = tl.reduce(tl.where(ri[:, None] == j, w_jj, 0.0), 0, _ADD) / d
                             w_jj = tl.where(ri[:, None] == j, xrow[None, :], w_jj - lcol[:, None] * xrow[None, :])
                         tl.store(lseg + rj[:, None] * LD + cj[None, :], w_jj,
                                  mask=(rj[:, None] < m) & (cj[None, :] < m))
                         # 2c. panel below: L_IJ = (A_I A_Jᵀ − Σ_P L_IP L_JPᵀ) L_JJ⁻ᵀ
                         for ib in range(jb + 1, nb):
                             r_i = ib * BS + ri
-                            t = tl.zeros((BS, BS), tl.float64)
+                            t = tl.full((BS, BS), 0.0, tl.float64)
                             for k0 in range(0, n, BK):
                                 kk = k0 + rk
                                 a_i = tl.load(zseg + r_i[:, None] * sa0 + kk[None, :] * sa1,
@@ -167,22 +168,22 @@ if HAS_TRITON:
                         if trans:
                             v = tl.load(proto_row + rj * proto_stride1, mask=rj < m, other=0.0).to(tl.float64)
                         else:
-                            v = tl.zeros((BS,), tl.float64)
+                            v = tl.full((BS,), 0.0, tl.float64)
                             for k0 in range(0, n, BK):
                                 kk = k0 + rk
                                 a_j = tl.load(zseg + rj[:, None] * K + kk[None, :],
                                               mask=(rj[:, None] < m) & (kk[None, :] < n), other=0.0)
                                 p = tl.load(proto_row + kk * proto_stride1, mask=kk < n, other=0.0)
-                                v += tl.sum(a_j * p.to(tl.float64)[None, :], axis=1)
+                                v += tl.reduce(a_j * p.to(tl.float64)[None, :], 1, _ADD)
                         for pb in range(0, jb):
                             pc = pb * BS + ci
                             l_jp = tl.load(lseg + rj[:, None] * LD + pc[None, :],
                                            mask=(rj[:, None] < m) & (pc[None, :] < m), other=0.0)
                             y_p = tl.load(vseg + pc, mask=pc < m, other=0.0)
-                            v -= tl.sum(l_jp * y_p[None, :], axis=1)
+                            v -= tl.reduce(l_jp * y_p[None, :], 1, _ADD)
                         w_jj = tl.load(lseg + rj[:, None] * LD + cj[None, :],
                                        mask=(rj[:, None] < m) & (cj[None, :] < m), other=0.0)
-                        tl.store(vseg + rj, tl.sum(w_jj * v[None, :], axis=1), mask=rj < m)
+                        tl.store(vseg + rj, tl.reduce(w_jj * v[None, :], 1, _ADD), mask=rj < m)
                         tl.debug_barrier()
                     # 4. Back substitution Lᵀ a = y, last block first, a over y:
                     #    a_J = L_JJ⁻ᵀ (y_J − Σ_{P>J} L_PJᵀ a_P).
@@ -195,23 +196,23 @@ if HAS_TRITON:
                             l_pj = tl.load(lseg + pr[:, None] * LD + cj[None, :],
                                            mask=(pr[:, None] < m) & (cj[None, :] < m), other=0.0)
                             a_p = tl.load(vseg + pr, mask=pr < m, other=0.0)
-                            g -= tl.sum(l_pj * a_p[:, None], axis=0)
+                            g -= tl.reduce(l_pj * a_p[:, None], 0, _ADD)
                         rj = jb * BS + ri
                         w_jj = tl.load(lseg + rj[:, None] * LD + cj[None, :],
                                        mask=(rj[:, None] < m) & (cj[None, :] < m), other=0.0)
-                        tl.store(vseg + cj, tl.sum(w_jj * g[:, None], axis=0), mask=cj < m)
+                        tl.store(vseg + cj, tl.reduce(w_jj * g[:, None], 0, _ADD), mask=cj < m)
                         tl.debug_barrier()
                     # 5. Ratios r = b·a (first form) or b·X u (second form), stored in w_ptr.
                     for i0 in range(0, b, BS):
                         rows = i0 + ri
                         if trans:
-                            r = tl.zeros((BS,), tl.float64)
+                            r = tl.full((BS,), 0.0, tl.float64)
                             for k0 in range(0, K, BK):
                                 cols = k0 + rk
                                 x = tl.load(zseg + rows[:, None] * K + cols[None, :],
                                             mask=(rows[:, None] < b) & (cols[None, :] < K), other=0.0)
                                 u = tl.load(vseg + cols, mask=cols < K, other=0.0)
-                                r += tl.sum(x * u[None, :], axis=1)
+                                r += tl.reduce(x * u[None, :], 1, _ADD)
                         else:
                             r = tl.load(vseg + rows, mask=rows < b, other=0.0)
                         idx = tl.load(order_ptr + start + rows, mask=rows < b, other=0)
@@ -238,17 +239,17 @@ if HAS_TRITON:
                 tl.debug_barrier()  # every read of the old P_c above is done
                 for k0 in range(0, K, BK):
                     cols = k0 + rk
-                    total = tl.zeros((BK,), tl.float64)
+                    total = tl.full((BK,), 0.0, tl.float64)
                     for i0 in range(0, b, BS):
                         rows = i0 + ri
                         x = tl.load(zseg + rows[:, None] * K + cols[None, :],
                                     mask=(rows[:, None] < b) & (cols[None, :] < K), other=0.0)
-                        total += tl.sum(x, axis=0)
+                        total += tl.reduce(x, 0, _ADD)
                     mean = total / b
                     old = tl.load(proto_row + cols * proto_stride1, mask=cols < K, other=0.0).to(tl.float64)
                     new = tl.where(seen, momentum * old + (1.0 - momentum) * mean, mean)
                     tl.store(proto_row + cols * proto_stride1, new.to(proto_ptr.dtype.element_ty), mask=cols < K)
-                tl.store(seen_ptr + c, 1)
+                tl.store(seen_ptr + c * seen_stride, 1)
 
     @triton.jit
     def _normalize_kernel(w_ptr, out_ptr, B, BLOCK: tl.constexpr):
@@ -258,10 +259,10 @@ if HAS_TRITON:
         BLOCK: chunk of the batch per step.
         """
         offs = tl.arange(0, BLOCK)
-        total = tl.zeros((BLOCK,), tl.float64)
+        total = tl.full((BLOCK,), 0.0, tl.float64)
         for i0 in range(0, B, BLOCK):
             total += tl.load(w_ptr + i0 + offs, mask=i0 + offs < B, other=0.0)
-        scale = B / tl.sum(total, axis=0)
+        scale = B / tl.reduce(total, 0, _ADD)
         for i0 in range(0, B, BLOCK):
             w = tl.load(w_ptr + i0 + offs, mask=i0 + offs < B, other=0.0)
             tl.store(out_ptr + i0 + offs, (w * scale).to(out_ptr.dtype.element_ty), mask=i0 + offs < B)
@@ -313,12 +314,12 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     solve = use_ratios and not uniform
     workspace = torch.empty((batch, ld) if solve else (1, 1), dtype=torch.float64, device=device)
     vec = torch.empty(batch if solve else 1, dtype=torch.float64, device=device)
-    factors = class_factors.to(device=device, dtype=torch.float64)
+    factors = class_factors.to(device=device, dtype=torch.float64).contiguous()
     seen_u8 = seen.view(torch.uint8)
     bs, bk, warps = _block_sizes(device)
     launchable(_rdr_segment_kernel, device)[(programs,)](
         starts, order, sorted_labels, z, prototypes, prototypes.stride(0), prototypes.stride(1), seen_u8,
-        factors, unnormalised, workspace, vec, dim, ld, float(ridge), float(temperature), float(momentum),
+        seen_u8.stride(0), factors, unnormalised, workspace, vec, dim, ld, float(ridge), float(temperature), float(momentum),
         SOLVE=solve, WEIGHTS=not uniform, UPDATE=bool(update), POW=float(temperature) != 1.0, BS=bs, BK=bk,
         num_warps=warps)
     if uniform:

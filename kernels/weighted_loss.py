@@ -23,6 +23,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._utils import _ADD, _MAX
+
     @triton.jit
     def _weighted_loss_kernel(logits_ptr, logits_stride, labels_ptr, weights_ptr, adjust_ptr, loss_ptr,
                               grad_ptr, grad_stride, B, C, focal_gamma: tl.float64,
@@ -46,14 +48,14 @@ if HAS_TRITON:
         x = tl.load(x_row + cols, mask=cols < C, other=float("-inf")).to(DTYPE)
         if HAS_ADJUST:
             x += tl.load(adjust_ptr + cols, mask=cols < C, other=0.0).to(DTYPE)
-        run_max = tl.max(x, axis=0)
-        run_sum = tl.sum(tl.exp(x - run_max), axis=0)
+        run_max = tl.reduce(x, 0, _MAX)
+        run_sum = tl.reduce(tl.exp(x - run_max), 0, _ADD)
         for c0 in range(BLOCK_C, C, BLOCK_C):
             x = tl.load(x_row + c0 + cols, mask=c0 + cols < C, other=float("-inf")).to(DTYPE)
             if HAS_ADJUST:
                 x += tl.load(adjust_ptr + c0 + cols, mask=c0 + cols < C, other=0.0).to(DTYPE)
-            new_max = tl.maximum(run_max, tl.max(x, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            new_max = tl.maximum(run_max, tl.reduce(x, 0, _MAX))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.reduce(tl.exp(x - new_max), 0, _ADD)
             run_max = new_max
         lse = run_max + tl.log(run_sum)
         # 2. log p_y and the per-sample loss; slope = dℓ/dlog p_y.
@@ -65,15 +67,15 @@ if HAS_TRITON:
         if FOCAL:
             # ℓ = −(1−p)^γ log p; dℓ/dlog p = γ(1−p)^{γ−1} p log p − (1−p)^γ. Where 1 − p = 0
             # both powers are taken as 0 (γ > 0), which also avoids 0 · inf for γ < 1.
-            gamma = (focal_gamma + tl.zeros((1,), tl.float64)).to(DTYPE)
+            gamma = (focal_gamma + tl.full((1,), 0.0, tl.float64)).to(DTYPE)
             p = tl.exp(log_p)
             one_minus = tl.maximum(1.0 - p, 0.0)
             positive = one_minus > 0
             log_om = tl.log(tl.where(positive, one_minus, 1.0))
             modulator = tl.where(positive, tl.exp(gamma * log_om), 0.0)
             slope = tl.where(positive, gamma * tl.exp((gamma - 1.0) * log_om) * p * log_p, 0.0)
-            loss = tl.sum(-modulator * log_p, axis=0)
-            slope = tl.sum(slope - modulator, axis=0)
+            loss = tl.reduce(-modulator * log_p, 0, _ADD)
+            slope = tl.reduce(slope - modulator, 0, _ADD)
         else:
             loss = -log_p
             slope = -1.0
@@ -117,6 +119,9 @@ def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: flo
     device = logits.device
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    labels, weights = labels.contiguous(), weights.detach().contiguous()
+    if logit_adjust is not None:
+        logit_adjust = logit_adjust.contiguous()
     grad = torch.empty((batch, num_classes) if compute_grad else (0,), dtype=logits.dtype, device=device)
     if batch == 0:
         return torch.zeros((), dtype=dtype, device=device), grad
@@ -124,7 +129,7 @@ def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: flo
     adjust = logit_adjust if logit_adjust is not None else row_loss  # any pointer; not read
     block, warps = _block_c(num_classes, device)
     launchable(_weighted_loss_kernel, device)[(batch,)](
-        logits.detach(), logits.stride(0), labels, weights.detach(), adjust, row_loss, grad,
+        logits.detach(), logits.stride(0), labels, weights, adjust, row_loss, grad,
         grad.stride(0) if compute_grad else 0, batch, num_classes, float(focal_gamma),
         HAS_ADJUST=logit_adjust is not None, FOCAL=float(focal_gamma) != 0.0, COMPUTE_GRAD=bool(compute_grad),
         DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK_C=block, num_warps=warps)

@@ -1,10 +1,10 @@
 """The Triton launchers of rdr_fast.kernels equal the reference.
 
-Two variants of every test: "cpu" runs the kernels in Triton's interpreter (that is how CI,
-without a GPU, tests them: this module sets TRITON_INTERPRET=1 before Triton is imported
-when no GPU is present), "cuda" runs them compiled on a GPU. One process runs one or the
-other (Triton fixes the mode at import): on a GPU machine, run this file a second time
-with TRITON_INTERPRET=1 for the interpreter variant (bench/gpu_suite.py does both).
+Two variants of every test: "cpu" runs the kernels in Triton's interpreter on CPU tensors
+(that is how CI, without a GPU, tests them; the launchers interpret CPU launches whether
+or not TRITON_INTERPRET was set before Triton was imported, see kernels/_utils.py), and
+"cuda" runs them compiled on a GPU, when one is present. Without a GPU this module also
+sets TRITON_INTERPRET=1 before Triton is imported, if nothing imported it earlier.
 """
 from __future__ import annotations
 
@@ -30,10 +30,7 @@ from conftest import long_tail_counts, long_tail_labels  # noqa: E402
 INTERPRETED = interpreting(weights_module._rdr_segment_kernel)
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = [
-    # Never skipped without a GPU: if Triton was imported before TRITON_INTERPRET was set,
-    # the launchers raise and these tests fail, as they should.
-    pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA and not INTERPRETED,
-                                                 reason="kernels compiled; rerun with TRITON_INTERPRET=1")),
+    "cpu",  # the interpreter: never skipped
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA or INTERPRETED,
                                                                     reason="needs a GPU and compiled kernels")]),
 ]
@@ -216,7 +213,7 @@ def build(fn, sig, consts, warps):
         raise SystemExit(f"API {err}")
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 seg = dict(seg_ptr="*i64", order_ptr="*i64", slabel_ptr="*i64", z_ptr="*fp64", proto_ptr="*fp32",
-           proto_stride0="i32", proto_stride1="i32", seen_ptr="*u8", factor_ptr="*fp64", w_ptr="*fp64",
+           proto_stride0="i32", proto_stride1="i32", seen_ptr="*u8", seen_stride="i32", factor_ptr="*fp64", w_ptr="*fp64",
            ws_ptr="*fp64", vec_ptr="*fp64", K="i32", LD="i32", ridge="fp64", temperature="fp64", momentum="fp64")
 bs, bk, warps = W._block_sizes(__import__("torch").device("cuda"))
 for solve in (True, False):
