@@ -12,9 +12,10 @@ What is synchronised, and how:
   prototypes, normalised to mean 1 over the local batch. Solving each class's system
   on the global batch would need an all-gather of the features every step; the ratio
   is an estimate per batch either way, so rdr_fast keeps it local;
-- data: `ShardedBatchSampler` cuts each global batch of the single-process order into
-  contiguous per-rank slices, so N processes with batch B/N see exactly the samples a
-  single process with batch B sees, step for step;
+- data: `rdr_fast.data.make_loaders(..., shard_id=rank, num_shards=world)` cuts each
+  global batch of the single-process order into contiguous per-rank slices, so N
+  processes with batch B/N see exactly the samples a single process with batch B sees,
+  step for step;
 - metrics: each rank evaluates a disjoint slice of the test set; counts are summed.
 """
 from __future__ import annotations
@@ -25,8 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from .data import SeededShuffleSampler
 
 
 @dataclass(frozen=True)
@@ -83,54 +82,6 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous, near-equal [lo, hi) slice of `total` items for `rank`."""
-    return total * rank // world_size, total * (rank + 1) // world_size
-
-
-class ShardedBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's slice of each global batch of SeededShuffleSampler's order.
-
-    Global batch t is perm[t·B : (t+1)·B], exactly what a single process with batch B
-    takes; rank r gets its contiguous share. Every rank has the same number of steps.
-    A final global batch smaller than world_size samples is dropped (a rank would be
-    left with no sample).
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world_size: int):
-        if global_batch < world_size:
-            raise ValueError(f"batch size {global_batch} is smaller than the {world_size} processes")
-        self.order = SeededShuffleSampler(n, seed)
-        self.n, self.global_batch, self.rank, self.world_size = n, global_batch, rank, world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.global_batch)
-        return full + (rest >= self.world_size)
-
-    def __iter__(self):
-        perm = list(iter(self.order))
-        for step in range(len(self)):
-            batch = perm[step * self.global_batch:(step + 1) * self.global_batch]
-            lo, hi = shard_bounds(len(batch), self.rank, self.world_size)
-            yield batch[lo:hi]
-
-
-def make_distributed_loaders(ds, global_batch: int, seed: int, ctx: DistContext, num_workers: int = 0):
-    """(train_loader, test_loader) of this rank's shards; the test shards are disjoint
-    and cover the test set once, with no padding."""
-    sampler = ShardedBatchSampler(len(ds.train), global_batch, seed, ctx.rank, ctx.world_size)
-    common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    train = torch.utils.data.DataLoader(ds.train, batch_sampler=sampler, **common)
-    lo, hi = shard_bounds(len(ds.test), ctx.rank, ctx.world_size)
-    test_part = torch.utils.data.Subset(ds.test, range(lo, hi))
-    per_rank = max(1, global_batch // ctx.world_size)
-    test = torch.utils.data.DataLoader(test_part, batch_size=per_rank, shuffle=False, **common)
-    return train, test
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import RDRLoss, distributed, run_io
-from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders
+from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
 from .models import MODELS, build_model, default_model
 from .sam import VARIANTS, make_optimizer, train_step
 
@@ -216,14 +216,6 @@ def restore(cfg, ds, ctx, model, criterion, optimizer, scheduler):
     return state["epoch"], state["history"]
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """Make the loader's shuffle order that of `epoch` (a pure function of seed and epoch)."""
-    for owner in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None), loader):
-        if hasattr(owner, "set_epoch"):
-            owner.set_epoch(epoch)
-            return
-
-
 def log_epoch(cfg, history) -> None:
     """metrics.csv with the new row, and a line on the console."""
     row = history[-1]
@@ -257,15 +249,12 @@ def main(argv=None) -> dict:
                           noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download)
     except DataNotFoundError as exc:
         sys.exit(f"error: {exc}")
-    if ctx.enabled:
-        train_loader, test_loader = distributed.make_distributed_loaders(ds, cfg.batch_size, cfg.seed, ctx,
-                                                                         cfg.num_workers)
-    else:
-        try:
-            train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-                                                     loader=cfg.loader, device=cfg.device)
-        except (ImportError, ValueError) as exc:  # DALI not installed, loader unfit for the dataset
-            sys.exit(f"error: {exc}")
+    try:
+        train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                                                 loader=cfg.loader, device=cfg.device, shard_id=ctx.rank,
+                                                 num_shards=ctx.world_size)
+    except (ImportError, ValueError) as exc:  # DALI not installed, loader unfit for the dataset
+        sys.exit(f"error: {exc}")
     model, forward, criterion, optimizer, scheduler = build(cfg, ds, ctx)
     criterion.warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
     os.makedirs(cfg.out, exist_ok=True)
