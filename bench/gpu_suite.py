@@ -39,7 +39,8 @@ def run_logged(cmd, log_path, timeout, env=None) -> dict:
     start = time.time()
     try:
         with open(log_path, "w") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     with open(log_path) as log:

@@ -40,7 +40,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _rdr_segment_kernel(seg_ptr, order_ptr, slabel_ptr, z_ptr, proto_ptr, proto_stride0, proto_stride1,
-                            seen_ptr, seen_stride, factor_ptr, w_ptr, ws_ptr, vec_ptr, K, LD,
+                            seen_ptr, seen_stride, factor_ptr, w_ptr, ws_ptr, y_ptr, a_ptr, K, LD,
                             ridge: tl.float64, temperature: tl.float64, momentum: tl.float64,
                             SOLVE: tl.constexpr, WEIGHTS: tl.constexpr, UPDATE: tl.constexpr,
                             POW: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
@@ -58,7 +58,8 @@ if HAS_TRITON:
             factor_ptr: [C] float64 class factors (N/n_c, CB's, or 1).
             w_ptr: [B] float64 out, unnormalised weights (r·factor)^γ in original order.
             ws_ptr: [B, LD] float64 workspace for the Cholesky factor, LD = min(B, K).
-            vec_ptr: [B] float64 workspace for the right-hand side and the solution.
+            y_ptr, a_ptr: [B] float64 workspaces for L⁻¹v and the solution (two buffers, so
+                that no step overwrites what it reads).
         Scalars: seen_stride, K, LD; ridge (λ_c = ridge·‖X_c‖²/b_c, 1 when that is 0),
             temperature γ, momentum μ (the last three float64).
         Constexprs:
@@ -86,7 +87,8 @@ if HAS_TRITON:
             diag = ri[:, None] == ci[None, :]
             zseg = z_ptr + start * K
             lseg = ws_ptr + start * LD
-            vseg = vec_ptr + start
+            yseg = y_ptr + start
+            aseg = a_ptr + start
             proto_row = proto_ptr + c * proto_stride0
             solve = seen & (SOLVE != 0)
             if WEIGHTS:
@@ -179,28 +181,28 @@ if HAS_TRITON:
                             pc = pb * BS + ci
                             l_jp = tl.load(lseg + rj[:, None] * LD + pc[None, :],
                                            mask=(rj[:, None] < m) & (pc[None, :] < m), other=0.0)
-                            y_p = tl.load(vseg + pc, mask=pc < m, other=0.0)
+                            y_p = tl.load(yseg + pc, mask=pc < m, other=0.0)
                             v -= tl.reduce(l_jp * y_p[None, :], 1, _ADD)
                         w_jj = tl.load(lseg + rj[:, None] * LD + cj[None, :],
                                        mask=(rj[:, None] < m) & (cj[None, :] < m), other=0.0)
-                        tl.store(vseg + rj, tl.reduce(w_jj * v[None, :], 1, _ADD), mask=rj < m)
+                        tl.store(yseg + rj, tl.reduce(w_jj * v[None, :], 1, _ADD), mask=rj < m)
                         tl.debug_barrier()
-                    # 4. Back substitution Lᵀ a = y, last block first, a over y:
+                    # 4. Back substitution Lᵀ a = y, last block first:
                     #    a_J = L_JJ⁻ᵀ (y_J − Σ_{P>J} L_PJᵀ a_P).
                     for tb in range(0, nb):
                         jb = nb - 1 - tb
                         cj = jb * BS + ci
-                        g = tl.load(vseg + cj, mask=cj < m, other=0.0)
+                        g = tl.load(yseg + cj, mask=cj < m, other=0.0)
                         for pb in range(jb + 1, nb):
                             pr = pb * BS + ri
                             l_pj = tl.load(lseg + pr[:, None] * LD + cj[None, :],
                                            mask=(pr[:, None] < m) & (cj[None, :] < m), other=0.0)
-                            a_p = tl.load(vseg + pr, mask=pr < m, other=0.0)
+                            a_p = tl.load(aseg + pr, mask=pr < m, other=0.0)
                             g -= tl.reduce(l_pj * a_p[:, None], 0, _ADD)
                         rj = jb * BS + ri
                         w_jj = tl.load(lseg + rj[:, None] * LD + cj[None, :],
                                        mask=(rj[:, None] < m) & (cj[None, :] < m), other=0.0)
-                        tl.store(vseg + cj, tl.reduce(w_jj * g[:, None], 0, _ADD), mask=cj < m)
+                        tl.store(aseg + cj, tl.reduce(w_jj * g[:, None], 0, _ADD), mask=cj < m)
                         tl.debug_barrier()
                     # 5. Ratios r = b·a (first form) or b·X u (second form), stored in w_ptr.
                     for i0 in range(0, b, BS):
@@ -211,10 +213,10 @@ if HAS_TRITON:
                                 cols = k0 + rk
                                 x = tl.load(zseg + rows[:, None] * K + cols[None, :],
                                             mask=(rows[:, None] < b) & (cols[None, :] < K), other=0.0)
-                                u = tl.load(vseg + cols, mask=cols < K, other=0.0)
+                                u = tl.load(aseg + cols, mask=cols < K, other=0.0)
                                 r += tl.reduce(x * u[None, :], 1, _ADD)
                         else:
-                            r = tl.load(vseg + rows, mask=rows < b, other=0.0)
+                            r = tl.load(aseg + rows, mask=rows < b, other=0.0)
                         idx = tl.load(order_ptr + start + rows, mask=rows < b, other=0)
                         tl.store(w_ptr + idx, r * b, mask=rows < b)
                 else:
@@ -313,13 +315,14 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     ld = min(batch, dim)
     solve = use_ratios and not uniform
     workspace = torch.empty((batch, ld) if solve else (1, 1), dtype=torch.float64, device=device)
-    vec = torch.empty(batch if solve else 1, dtype=torch.float64, device=device)
+    vec = torch.empty(2, batch if solve else 1, dtype=torch.float64, device=device)
     factors = class_factors.to(device=device, dtype=torch.float64).contiguous()
     seen_u8 = seen.view(torch.uint8)
     bs, bk, warps = _block_sizes(device)
     launchable(_rdr_segment_kernel, device)[(programs,)](
         starts, order, sorted_labels, z, prototypes, prototypes.stride(0), prototypes.stride(1), seen_u8,
-        seen_u8.stride(0), factors, unnormalised, workspace, vec, dim, ld, float(ridge), float(temperature), float(momentum),
+        seen_u8.stride(0), factors, unnormalised, workspace, vec[0], vec[1], dim, ld, float(ridge),
+        float(temperature), float(momentum),
         SOLVE=solve, WEIGHTS=not uniform, UPDATE=bool(update), POW=float(temperature) != 1.0, BS=bs, BK=bk,
         num_warps=warps)
     if uniform:

@@ -213,8 +213,9 @@ def build(fn, sig, consts, warps):
         raise SystemExit(f"API {err}")
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 seg = dict(seg_ptr="*i64", order_ptr="*i64", slabel_ptr="*i64", z_ptr="*fp64", proto_ptr="*fp32",
-           proto_stride0="i32", proto_stride1="i32", seen_ptr="*u8", seen_stride="i32", factor_ptr="*fp64", w_ptr="*fp64",
-           ws_ptr="*fp64", vec_ptr="*fp64", K="i32", LD="i32", ridge="fp64", temperature="fp64", momentum="fp64")
+           proto_stride0="i32", proto_stride1="i32", seen_ptr="*u8", seen_stride="i32", factor_ptr="*fp64",
+           w_ptr="*fp64", ws_ptr="*fp64", y_ptr="*fp64", a_ptr="*fp64", K="i32", LD="i32", ridge="fp64",
+           temperature="fp64", momentum="fp64")
 bs, bk, warps = W._block_sizes(__import__("torch").device("cuda"))
 for solve in (True, False):
     build(W._rdr_segment_kernel, seg, dict(SOLVE=solve, WEIGHTS=solve, UPDATE=True, POW=solve, BS=bs, BK=bk), warps)
