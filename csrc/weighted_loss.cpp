@@ -13,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorSubclassLikeUtils.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -65,15 +67,15 @@ inline S max_of(const S* x, int64_t n) {
   return m;
 }
 
-// x_k ← exp(x_k − shift) in place; returns Σ_k of the new x_k.
+// e_k = exp(x_k − shift) (e may be x); returns Σ_k e_k.
 template <typename S>
-inline S exp_shifted_sum_of(S* x, int64_t n, S shift) {
+inline S exp_shifted_sum_of(const S* x, S* e, int64_t n, S shift) {
   S sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) {
-    const S e = exp_of(static_cast<S>(x[k] - shift));
-    x[k] = e;
-    sum += e;
+    const S v = exp_of(static_cast<S>(x[k] - shift));
+    e[k] = v;
+    sum += v;
   }
   return sum;
 }
@@ -86,10 +88,14 @@ inline void scale_into(const S* x, int64_t n, S scale, T* out) {
 
 // float, the training dtype, gets one clone per ISA level (the exp pass dominates).
 RDR_MULTIVERSION float row_max(const float* x, int64_t n) { return max_of(x, n); }
-RDR_MULTIVERSION float exp_shifted_sum(float* x, int64_t n, float shift) { return exp_shifted_sum_of(x, n, shift); }
+RDR_MULTIVERSION float exp_shifted_sum(const float* x, float* e, int64_t n, float shift) {
+  return exp_shifted_sum_of(x, e, n, shift);
+}
 RDR_MULTIVERSION void scale_row(const float* x, int64_t n, float scale, float* out) { scale_into(x, n, scale, out); }
 double row_max(const double* x, int64_t n) { return max_of(x, n); }
-double exp_shifted_sum(double* x, int64_t n, double shift) { return exp_shifted_sum_of(x, n, shift); }
+double exp_shifted_sum(const double* x, double* e, int64_t n, double shift) {
+  return exp_shifted_sum_of(x, e, n, shift);
+}
 template <typename S, typename T>
 void scale_row(const S* x, int64_t n, S scale, T* out) { scale_into(x, n, scale, out); }
 
@@ -122,24 +128,33 @@ struct LossRows {
   double* row_loss;     // [B], w_j ℓ_j / B
 
   void operator()(int64_t first, int64_t last) const {
-    std::vector<S> x(classes);
+    std::vector<S> e(classes);
     for (int64_t j = first; j < last; ++j) {
-      const T* in = logits + j * classes;
-      if (adjust != nullptr) {
-        for (int64_t k = 0; k < classes; ++k) x[k] = static_cast<S>(in[k]) + adjust[k];
-      } else {
-        for (int64_t k = 0; k < classes; ++k) x[k] = static_cast<S>(in[k]);
-      }
+      const S* x = load_row(logits + j * classes, e.data());
       const int64_t y = labels[j];
-      const S shift = row_max(x.data(), classes);
+      const S shift = row_max(x, classes);
       const double shifted_y = static_cast<double>(x[y] - shift);
-      const double sum = exp_shifted_sum(x.data(), classes, shift);
+      const double sum = exp_shifted_sum(x, e.data(), classes, shift);
       double loss, slope;
       loss_terms(shifted_y - std::log(sum), gamma, &loss, &slope);
       const double w = static_cast<double>(weights[j]) / static_cast<double>(batch);
       row_loss[j] = w * loss;
-      if (grad != nullptr) write_grad(x.data(), y, w * slope, sum, grad + j * classes);
+      if (grad != nullptr) write_grad(e.data(), y, w * slope, sum, grad + j * classes);
     }
+  }
+
+  // The row as S values: the logits themselves when no conversion or adjustment is
+  // needed (saves a pass), else written into `buffer`.
+  const S* load_row(const T* in, S* buffer) const {
+    if constexpr (std::is_same_v<T, S>) {
+      if (adjust == nullptr) return in;
+    }
+    if (adjust != nullptr) {
+      for (int64_t k = 0; k < classes; ++k) buffer[k] = static_cast<S>(in[k]) + adjust[k];
+    } else {
+      for (int64_t k = 0; k < classes; ++k) buffer[k] = static_cast<S>(in[k]);
+    }
+    return buffer;
   }
 
   // g_k = coef · (1[k = y] − e_k / sum), from e = exp(x − max) held in x.
@@ -200,8 +215,64 @@ std::tuple<at::Tensor, at::Tensor> weighted_loss_cpu(const at::Tensor& logits, c
   return {at::scalar_tensor(total, logits.options().dtype(compute)), grad};
 }
 
+// True for the usual loss.backward(): a CPU scalar 1 and no double backward. Then the
+// saved gradient is already the answer and the [B, C] multiply (a full pass over the
+// logits, as long as the kernel's own) is skipped, as Liger's CE does. Only for a
+// plain dense CPU tensor: reading a CUDA value would sync, and a fake or functional
+// tensor (torch.compile tracing) has no value; they take the multiply.
+bool is_plain_one(const at::Tensor& t) {
+  return !at::GradMode::is_enabled() && t.numel() == 1 && t.device().is_cpu() && t.layout() == at::kStrided &&
+         !at::isTensorSubclassLike(t) && t.item<double>() == 1.0;
+}
+
+// Autograd for the op on every device, in C++ (ops.py registers the same formula in
+// Python when _C is absent). The Python path costs tens of µs of interpreter time per
+// step in forward and backward, about as much as the whole kernel at B = 128, C = 100.
+// Backward replays the gradient the forward saved: ∂L/∂logits · dL_out.
+class WeightedLossFunction : public torch::autograd::Function<WeightedLossFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                                                const at::Tensor& labels, const at::Tensor& weights,
+                                                const std::optional<at::Tensor>& logit_adjust, double focal_gamma,
+                                                bool compute_grad) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("rdr_fast::weighted_loss", "")
+                               .typed<decltype(weighted_loss_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, grad] = op.call(logits, labels, weights, logit_adjust, focal_gamma, compute_grad);
+    ctx->save_for_backward({grad});
+    // The gradient output is data: no zero [B, C] gradient is ever made for it.
+    ctx->mark_non_differentiable({grad});
+    ctx->set_materialize_grads(false);
+    return {loss, grad};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    torch::autograd::variable_list grads(6);  // one per forward argument; only logits gets one
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (grad_loss.defined()) {
+      const at::Tensor grad = ctx->get_saved_variables()[0];
+      grads[0] = is_plain_one(grad_loss) ? grad : grad * grad_loss.to(grad.scalar_type());
+    }
+    return grads;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> weighted_loss_autograd(const at::Tensor& logits, const at::Tensor& labels,
+                                                          const at::Tensor& weights,
+                                                          const std::optional<at::Tensor>& logit_adjust,
+                                                          double focal_gamma, bool compute_grad) {
+  auto outputs = WeightedLossFunction::apply(logits, labels, weights, logit_adjust, focal_gamma, compute_grad);
+  return {outputs[0], outputs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rdr_fast, CPU, m) {
   m.impl("weighted_loss", &weighted_loss_cpu);
+}
+
+TORCH_LIBRARY_IMPL(rdr_fast, Autograd, m) {
+  m.impl("weighted_loss", &weighted_loss_autograd);
 }

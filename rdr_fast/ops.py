@@ -7,6 +7,9 @@ Two ops (SPEC §3), defined once here with torch.library:
 - ``rdr_fast::weighted_loss`` — the weighted loss and its gradient in one pass over the
   logits (step 3); autograd replays the saved gradient.
 
+Autograd for ``weighted_loss`` replays the gradient the forward computed; rdr_fast._C
+registers it in C++ (for every device) when built, else ``_backward`` below does.
+
 Which implementation runs is decided per device at import and recorded in ``BACKENDS``:
 the C++ kernels of ``rdr_fast._C`` on CPU when that extension is built, otherwise the
 vectorised PyTorch path of ``rdr_fast.torch_impl``; on CUDA the Triton kernels of
@@ -70,7 +73,9 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None, None
 
 
-torch.library.register_autograd("rdr_fast::weighted_loss", _backward, setup_context=_setup_context)
+# rdr_fast._C brings the same autograd formula in C++ (cheaper per call); else this one.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("rdr_fast::weighted_loss", "Autograd"):
+    torch.library.register_autograd("rdr_fast::weighted_loss", _backward, setup_context=_setup_context, lib=LIB)
 
 
 def _weights_reference(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum,

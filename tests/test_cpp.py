@@ -160,6 +160,16 @@ def test_loss_of_non_contiguous_logits_and_no_grad():
     assert empty.numel() == 0 and torch.equal(loss_only, loss)
 
 
+def test_backward_scales_by_the_incoming_gradient_and_supports_retain_graph():
+    logits = torch.randn(16, 9, requires_grad=True)
+    labels, weights = torch.randint(0, 9, (16,)), torch.rand(16)
+    _, expected = torch_impl.weighted_loss_torch(logits, labels, weights, None, 0.0, True)
+    loss = LOSS_OP(logits, labels, weights, None, 0.0, True)[0]
+    loss.backward(retain_graph=True)  # dL_out = 1: the saved gradient is used as it is
+    (2.5 * loss).backward()           # the saved gradient is still intact, then scaled
+    torch.testing.assert_close(logits.grad, 3.5 * expected)
+
+
 def opcheck_weights_samples():
     base = long_tail_batch(24, 6, 8, dtype=torch.float64)
     yield weights_args(*base)
