@@ -11,13 +11,14 @@ import json
 import sys
 from collections import defaultdict
 
-BASELINES = ("reference", "unfused", "torch", "ce")
+BASELINES = ("reference", "unfused", "torch", "ce")  # a row is compared with each one present
 
 
 def tables(data: dict) -> str:
-    groups = defaultdict(dict)
+    groups, extras = defaultdict(dict), defaultdict(dict)
     for bench in data["benchmarks"]:
         groups[bench["group"]][bench["extra_info"]["backend"]] = bench["stats"]
+        extras[bench["group"]][bench["extra_info"]["backend"]] = bench["extra_info"]
     lines = []
     for group, stats in groups.items():
         baselines = [b for b in BASELINES if b in stats]
@@ -25,9 +26,12 @@ def tables(data: dict) -> str:
                   + " | ".join(f"vs {b}" for b in baselines) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(baselines)]
         for backend, s in stats.items():
-            ratios = [f"{stats[b]['median'] / s['median']:.2f}×" for b in baselines]
+            ratios = [f"{stats[b]['median'] / s['median']:.2f}×" if "+" not in backend else "—" for b in baselines]
             lines.append(f"| {backend} | {s['median'] * 1e6:,.1f} | {s['min'] * 1e6:,.1f} | {s['rounds']} | "
                          + " | ".join(ratios) + " |")
+        for backend, extra in extras[group].items():
+            if "rdr_over_ce" in extra:
+                lines.append(f"\n{backend}: median per-pair time ratio RDR / CE = {extra['rdr_over_ce']:.4f}")
     return "\n".join(lines)
 
 
