@@ -31,7 +31,9 @@ namespace {
 
 constexpr const char* kOp = "rdr_weights_and_update";
 constexpr double kRatioFloor = 1e-9;         // SPEC §2: r ← max(r, 1e-9)
-constexpr int64_t kParallelWork = 1 << 15;   // multiply-adds under which threads cost more than they save
+// Multiply-adds (~100 µs on one core) below which a second thread costs more than it saves:
+// an OpenMP fork/join is a few µs on an idle machine and far more on a busy one.
+constexpr int64_t kParallelWork = 1 << 18;
 
 // The hot loops, written once as templates. `omp simd` lets the compiler vectorise the
 // reductions without -ffast-math; their order is fixed per build, so results never
