@@ -9,3 +9,11 @@
 #else
 #define RDR_MULTIVERSION
 #endif
+
+// For the loop templates the clones call: a template that is not inlined is compiled
+// once, for the baseline ISA, and the clone around it gains nothing.
+#if defined(__GNUC__)
+#define RDR_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define RDR_ALWAYS_INLINE inline
+#endif

@@ -39,15 +39,32 @@ constexpr int64_t kParallelWork = 1 << 18;
 // reductions without -ffast-math; their order is fixed per build, so results never
 // depend on the thread count. Products of floats are exact in double.
 template <typename A, typename B>
-inline double dot_of(const A* a, const B* b, int64_t n) {
+RDR_ALWAYS_INLINE double dot_of(const A* a, const B* b, int64_t n) {
   double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) sum += static_cast<double>(a[k]) * static_cast<double>(b[k]);
   return sum;
 }
 
+// out[r] = Σ x_k y_r,k for four rows y_r at once: x is read once and the four independent
+// sums keep the FMA units busy (the b_c² K Gram work of a head class).
 template <typename T>
-inline void add_row_of(double* acc, const T* x, int64_t n) {  // acc += x, in double
+RDR_ALWAYS_INLINE void dot4_of(const T* x, const T* const* y, int64_t n, double* out) {
+  const T *y0 = y[0], *y1 = y[1], *y2 = y[2], *y3 = y[3];
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t k = 0; k < n; ++k) {
+    const double xk = static_cast<double>(x[k]);
+    s0 += xk * static_cast<double>(y0[k]);
+    s1 += xk * static_cast<double>(y1[k]);
+    s2 += xk * static_cast<double>(y2[k]);
+    s3 += xk * static_cast<double>(y3[k]);
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+template <typename T>
+RDR_ALWAYS_INLINE void add_row_of(double* acc, const T* x, int64_t n) {  // acc += x, in double
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<double>(x[k]);
 }
@@ -55,7 +72,7 @@ inline void add_row_of(double* acc, const T* x, int64_t n) {  // acc += x, in do
 // P ← μP + (1 − μ)·mean, or P ← mean for a class never seen (its old row is ignored).
 // The mean multiplies by 1/b: a vector division would cost more than the rest together.
 template <typename P>
-inline void blend_row_of(P* proto, const double* sum, int64_t n, double count, double momentum, bool seen) {
+RDR_ALWAYS_INLINE void blend_row_of(P* proto, const double* sum, int64_t n, double count, double momentum, bool seen) {
   const double inv = 1.0 / count, take = (1.0 - momentum) * inv;
   if (!seen) {
 #pragma omp simd
@@ -71,6 +88,8 @@ RDR_MULTIVERSION double dot(const float* a, const float* b, int64_t n) { return 
 RDR_MULTIVERSION double dot(const float* a, const double* b, int64_t n) { return dot_of(a, b, n); }
 RDR_MULTIVERSION double dot(const double* a, const float* b, int64_t n) { return dot_of(a, b, n); }
 RDR_MULTIVERSION double dot(const double* a, const double* b, int64_t n) { return dot_of(a, b, n); }
+RDR_MULTIVERSION void dot4(const float* x, const float* const* y, int64_t n, double* out) { dot4_of(x, y, n, out); }
+RDR_MULTIVERSION void dot4(const double* x, const double* const* y, int64_t n, double* out) { dot4_of(x, y, n, out); }
 RDR_MULTIVERSION void add_row(double* acc, const float* x, int64_t n) { add_row_of(acc, x, n); }
 RDR_MULTIVERSION void add_row(double* acc, const double* x, int64_t n) { add_row_of(acc, x, n); }
 RDR_MULTIVERSION void blend_row(float* proto, const double* sum, int64_t n, double count, double momentum, bool seen) {
@@ -110,17 +129,18 @@ inline double ridge_of(double trace, int64_t b, double ridge) {
 // Solves A x = rhs in place for a symmetric positive definite n×n row-major A: Cholesky
 // A = L Lᵀ (row-oriented, L overwrites the lower triangle), then two triangular solves.
 // Pivots stay ≥ λ > 0 for finite inputs, so no pivoting or failure path is needed.
-void cholesky_solve(double* a, double* rhs, int64_t n) {
+// Its dot products are short (≤ b_c), so they are inlined rather than dispatched.
+RDR_MULTIVERSION void cholesky_solve(double* a, double* rhs, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     double* row_j = a + j * n;
-    const double pivot = std::sqrt(row_j[j] - dot(row_j, row_j, j));
+    const double pivot = std::sqrt(row_j[j] - dot_of(row_j, row_j, j));
     row_j[j] = pivot;
     for (int64_t i = j + 1; i < n; ++i) {
       double* row_i = a + i * n;
-      row_i[j] = (row_i[j] - dot(row_i, row_j, j)) / pivot;
+      row_i[j] = (row_i[j] - dot_of(row_i, row_j, j)) / pivot;
     }
   }
-  for (int64_t i = 0; i < n; ++i) rhs[i] = (rhs[i] - dot(a + i * n, rhs, i)) / a[i * n + i];
+  for (int64_t i = 0; i < n; ++i) rhs[i] = (rhs[i] - dot_of(a + i * n, rhs, i)) / a[i * n + i];
   for (int64_t i = n - 1; i >= 0; --i) {
     double s = rhs[i];
     for (int64_t k = i + 1; k < n; ++k) s -= a[k * n + i] * rhs[k];
@@ -148,7 +168,12 @@ struct ClassStep {
     double trace = 0.0;
     for (int64_t i = 0; i < b; ++i) {
       const T* xi = z + rows[i] * dim;
-      for (int64_t l = 0; l <= i; ++l) gram[i * b + l] = dot(xi, z + rows[l] * dim, dim);
+      int64_t l = 0;
+      for (; l + 4 <= i + 1; l += 4) {
+        const T* const y[4] = {z + rows[l] * dim, z + rows[l + 1] * dim, z + rows[l + 2] * dim, z + rows[l + 3] * dim};
+        dot4(xi, y, dim, gram + i * b + l);
+      }
+      for (; l <= i; ++l) gram[i * b + l] = dot(xi, z + rows[l] * dim, dim);
       trace += gram[i * b + i];
       coef[i] = dot(xi, proto, dim);
     }

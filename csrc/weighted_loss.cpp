@@ -37,7 +37,7 @@ constexpr int64_t kParallelElems = 1 << 15;  // logits per thread (~20 µs) belo
 // exp(x) for float in branch-free arithmetic the compiler can vectorise (std::exp is a
 // scalar libm call): x = n ln2 + r with |r| ≤ ln2/2, e^r by Cephes' expf polynomial
 // (about 1 ulp), 2^n through the exponent bits. Underflow (x < −87) gives 0.
-inline float exp_float(float x) {
+RDR_ALWAYS_INLINE float exp_float(float x) {
   const float clamped = x < -87.0f ? -87.0f : x;
   const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -54,13 +54,13 @@ inline float exp_float(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-inline double exp_of(double x) { return std::exp(x); }
-inline float exp_of(float x) { return exp_float(x); }
+RDR_ALWAYS_INLINE double exp_of(double x) { return std::exp(x); }
+RDR_ALWAYS_INLINE float exp_of(float x) { return exp_float(x); }
 
 // The three row loops. `omp simd` vectorises their reductions and compare-selects without
 // -ffast-math; a reduction's order is fixed per build, never per thread count.
 template <typename S>
-inline S max_of(const S* x, int64_t n) {
+RDR_ALWAYS_INLINE S max_of(const S* x, int64_t n) {
   S m = x[0];
 #pragma omp simd reduction(max : m)
   for (int64_t k = 0; k < n; ++k) m = x[k] > m ? x[k] : m;
@@ -69,7 +69,7 @@ inline S max_of(const S* x, int64_t n) {
 
 // e_k = exp(x_k − shift) (e may be x); returns Σ_k e_k.
 template <typename S>
-inline S exp_shifted_sum_of(const S* x, S* e, int64_t n, S shift) {
+RDR_ALWAYS_INLINE S exp_shifted_sum_of(const S* x, S* e, int64_t n, S shift) {
   S sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < n; ++k) {
@@ -81,7 +81,7 @@ inline S exp_shifted_sum_of(const S* x, S* e, int64_t n, S shift) {
 }
 
 template <typename S, typename T>
-inline void scale_into(const S* x, int64_t n, S scale, T* out) {
+RDR_ALWAYS_INLINE void scale_into(const S* x, int64_t n, S scale, T* out) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) out[k] = static_cast<T>(scale * x[k]);
 }
