@@ -157,7 +157,10 @@ def train_step(optimizer, forward, criterion, inputs, targets, amp: bool = False
     """
     run = _autocast_forward(forward, amp)
     if isinstance(optimizer, SAM):
-        return optimizer.step_batch(run, criterion, inputs, targets)
+        # Under DDP the first (ascent) pass may skip the gradient all-reduce (m-sharpness:
+        # each rank perturbs with its own gradient); only the second pass is averaged.
+        local = forward.no_sync if isinstance(forward, nn.parallel.DistributedDataParallel) else None
+        return optimizer.step_batch(run, criterion, inputs, targets, first_pass_local=local)
     features, logits = run(inputs)
     loss = criterion(features, logits, targets)
     optimizer.zero_grad(set_to_none=True)
@@ -289,22 +292,31 @@ class SAM(torch.optim.Optimizer):
         self.sam_steps += 1
         return self._sam_step(closure)
 
-    def step_batch(self, forward, criterion, inputs, targets) -> torch.Tensor:
+    def step_batch(self, forward, criterion, inputs, targets, first_pass_local=None) -> torch.Tensor:
         """Both passes on one batch (RDR+SAM per Algorithm 2 when ``criterion`` is an
-        RDRLoss); returns the first-pass loss, detached."""
+        RDRLoss); returns the first-pass loss, detached. ``first_pass_local``: a context
+        manager (DDP's ``no_sync``) under which the first pass's gradient stays per rank,
+        used only when that gradient builds nothing but the perturbation."""
         self.zero_grad(set_to_none=True)
-        features, logits = forward(inputs)
-        loss = criterion(features, logits, targets)         # weights + prototype update, once
-        weights = first_pass_weights(criterion)
+        local = first_pass_local if first_pass_local and self.first_pass_only_perturbs() else contextlib.nullcontext
+        with local():
+            features, logits = forward(inputs)
+            loss = criterion(features, logits, targets)     # weights + prototype update, once
+            weights = first_pass_weights(criterion)
+            loss.backward()
 
         def second_pass():
             f2, l2 = forward(inputs)
             loss2 = reused_loss(criterion, f2, l2, targets, weights)
             loss2.backward()
             return loss2
-        loss.backward()
         self.step(second_pass)
         return loss.detach()
+
+    def first_pass_only_perturbs(self) -> bool:
+        """True when this step's first-pass gradient is used for the perturbation alone
+        (then it may stay per rank under DDP); variants that reuse it in the update say no."""
+        return True
 
     # --- state --------------------------------------------------------------------------
 
@@ -351,6 +363,9 @@ class SAMEveryK(SAM):
     def is_sam_step(self) -> bool:
         """Whether the next step is a full SAM step (needs the second pass)."""
         return self.sam_steps % self.k == 0
+
+    def first_pass_only_perturbs(self) -> bool:
+        return self.is_sam_step()   # a plain step's gradient is the update itself
 
     def step(self, closure=None):
         sam_now = self.is_sam_step()
@@ -420,6 +435,9 @@ class LookSAM(SAMEveryK):
         self.base_optimizer.step()
         return None
 
+    def first_pass_only_perturbs(self) -> bool:
+        return False   # g also builds the stored direction ĝ_v, which must agree across ranks
+
     def _extra_state(self) -> dict:
         direction = [self._direction.get(p) for p in self._all_params()]
         return {**super()._extra_state(), "direction": direction}
@@ -467,7 +485,9 @@ class ImbSAM(SAM):
         if zero_grad:
             self.zero_grad()
 
-    def step_batch(self, forward, criterion, inputs, targets) -> torch.Tensor:
+    def step_batch(self, forward, criterion, inputs, targets, first_pass_local=None) -> torch.Tensor:
+        # first_pass_local is ignored: the head gradient of the first pass enters the
+        # update, so under DDP it is all-reduced like any other.
         if not isinstance(criterion, RDRLoss):
             raise TypeError("ImbSAM.step_batch needs an RDRLoss criterion (reweight='none' for plain CE)")
         self.zero_grad(set_to_none=True)
@@ -563,7 +583,8 @@ class CCSAM(SAM):
             shift = shift + (k_b[:, None] * g_b)[targets]
         return shift
 
-    def step_batch(self, forward, criterion, inputs, targets) -> torch.Tensor:
+    def step_batch(self, forward, criterion, inputs, targets, first_pass_local=None) -> torch.Tensor:
+        # first_pass_local is ignored: CC-SAM has a single backward.
         if not isinstance(criterion, RDRLoss):
             raise TypeError("CCSAM.step_batch needs an RDRLoss criterion (reweight='none' for plain CE)")
         self.zero_grad(set_to_none=True)

@@ -121,3 +121,39 @@ def test_torchrun_two_processes_match_one_and_resume_with_other_world_size(tmp_p
     assert resume.returncode == 0, resume.stderr[-3000:]
     with open(os.path.join(out, "metrics.csv")) as handle:
         assert_same_metrics(single, list(csv.DictReader(handle)))
+
+
+def _sam_worker(rank, init_file, out_dir):
+    from rdr_fast.sam import make_optimizer, train_step
+    _init(rank, init_file)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5)).double()
+
+    class Split(torch.nn.Module):  # (features, logits), as rdr_fast models return
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = model[:2], model[2]
+
+        def forward(self, x):
+            features = self.body(x)
+            return features, self.fc(features)
+    net = Split()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    results = {}
+    for variant in ("sam", "sam_k", "looksam"):
+        opt = make_optimizer(variant, net, COUNTS, lr=0.1, rho=0.05, k=2)
+        crit = rdr_fast.RDRLoss(COUNTS, 6).double()
+        for step in range(3):
+            feats, _, labels = global_batch(step)
+            lo, hi = shard(len(labels), rank)
+            train_step(opt, ddp, crit, feats[lo:hi, :8], labels[lo:hi])
+        results[variant] = [p.detach().clone() for p in net.parameters()]
+    torch.save(results, os.path.join(out_dir, f"sam{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sam_variants_keep_ranks_identical_under_ddp(tmp_path):
+    ranks = spawn(_sam_worker, tmp_path)
+    for variant, params in ranks[0].items():
+        for a, b in zip(params, ranks[1][variant]):
+            assert torch.equal(a, b), variant
