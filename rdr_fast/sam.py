@@ -145,6 +145,17 @@ def _autocast_forward(forward, amp: bool):
     return run
 
 
+def rdr_first_pass(optimizer, forward, criterion, inputs, targets):
+    """The unperturbed pass of ImbSAM / CC-SAM: (features, logits, loss, weights), with the
+    RDR weights and the prototype update computed once, here."""
+    if not isinstance(criterion, RDRLoss):
+        raise TypeError(f"{type(optimizer).__name__}.step_batch needs an RDRLoss criterion "
+                        "(reweight='none' for plain CE)")
+    features, logits = forward(inputs)
+    loss = criterion(features, logits, targets)
+    return features, logits, loss, criterion.last_weights
+
+
 def train_step(optimizer, forward, criterion, inputs, targets, amp: bool = False) -> torch.Tensor:
     """One training step on a batch with any optimizer; returns the loss at the unperturbed
     weights (detached). A SAM-family wrapper runs its own passes; any other optimizer
@@ -488,12 +499,8 @@ class ImbSAM(SAM):
     def step_batch(self, forward, criterion, inputs, targets, first_pass_local=None) -> torch.Tensor:
         # first_pass_local is ignored: the head gradient of the first pass enters the
         # update, so under DDP it is all-reduced like any other.
-        if not isinstance(criterion, RDRLoss):
-            raise TypeError("ImbSAM.step_batch needs an RDRLoss criterion (reweight='none' for plain CE)")
         self.zero_grad(set_to_none=True)
-        features, logits = forward(inputs)
-        loss = criterion(features, logits, targets)           # weights + prototype update, once
-        weights = criterion.last_weights
+        features, logits, loss, weights = rdr_first_pass(self, forward, criterion, inputs, targets)
         tail = self.is_tail.to(targets.device)[targets]
         head_w = torch.where(tail, torch.zeros_like(weights), weights)
         tail_w = torch.where(tail, 2 * weights, torch.zeros_like(weights))
@@ -585,12 +592,8 @@ class CCSAM(SAM):
 
     def step_batch(self, forward, criterion, inputs, targets, first_pass_local=None) -> torch.Tensor:
         # first_pass_local is ignored: CC-SAM has a single backward.
-        if not isinstance(criterion, RDRLoss):
-            raise TypeError("CCSAM.step_batch needs an RDRLoss criterion (reweight='none' for plain CE)")
         self.zero_grad(set_to_none=True)
-        features, logits = forward(inputs)
-        loss = criterion(features, logits, targets)           # weights + prototype update, once
-        weights = criterion.last_weights
+        features, logits, loss, weights = rdr_first_pass(self, forward, criterion, inputs, targets)
         # ∂L/∂logits_j = (w_j/B)·∂ℓ_j/∂logits_j, so B times it is d_j.
         logit_grads = torch.autograd.grad(loss, logits, retain_graph=True)[0] * logits.shape[0]
         shifted = logits + self.perturbation(features, logit_grads, targets)
