@@ -111,7 +111,8 @@ def with_threads(n, fn):
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    features, labels, protos, seen, counts = long_tail_batch(256, 40, 512)
+    # Large enough that both kernels split the work across threads.
+    features, labels, protos, seen, counts = long_tail_batch(256, 40, 1024)
     logits, weights = torch.randn(256, 1000), torch.rand(256)
 
     def run():
