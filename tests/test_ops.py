@@ -1,6 +1,10 @@
 """The custom ops: opcheck (schema, fake, autograd registration), gradcheck, torch.compile."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -80,3 +84,18 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(compiled_crit.prototypes, eager_crit.prototypes)
     torch.testing.assert_close(compiled_model.weight.grad, eager_model.weight.grad)
     assert int(compiled_crit.step) == 3
+
+
+def test_missing_cpp_kernels_warn_once_and_fall_back_to_the_torch_path():
+    """Without rdr_fast._C (blocked here via sys.modules): one warning at import, none per call."""
+    code = (
+        "import sys, warnings; sys.modules['rdr_fast._C'] = None; warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    import rdr_fast, torch\n"
+        "    crit = rdr_fast.RDRLoss([5, 3, 1], 4)\n"
+        "    for _ in range(3): crit(torch.randn(6, 4), torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 0]))\n"
+        "print(sorted({d['cpu'] for d in rdr_fast.backends().values()}), sum('C++' in str(w.message) for w in caught))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RDR_FAST_IMPL": "auto"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['torch'] 1"
