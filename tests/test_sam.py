@@ -430,13 +430,20 @@ def test_wraps_an_optimizer_instance_and_validates():
         opt.step()
 
 
-def test_train_cli_with_sam_end_to_end(tmp_path):
+def test_train_cli_with_sam_end_to_end_and_exact_resume(tmp_path):
     from rdr_fast import train
-    out = str(tmp_path / "sam")
-    result = train.main(["--out", out, "--epochs", "1", "--batch-size", "64", "--quiet", "--sam", "looksam",
-                         "--sam-k", "2", "--rho", "0.1"])
-    assert result["finished"]
-    summary = json.load(open(os.path.join(out, "summary.json")))
+    flags = ["--epochs", "2", "--batch-size", "64", "--quiet", "--sam", "looksam", "--sam-k", "3", "--rho", "0.1"]
+    straight = str(tmp_path / "straight")
+    assert train.main(["--out", straight, *flags])["finished"]
+    summary = json.load(open(os.path.join(straight, "summary.json")))
     assert summary["method"] == "rdr+ce+looksam"
-    saved = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    saved = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
     assert set(saved["optimizer"]) == {"base", "sam"} and saved["optimizer"]["sam"]["sam_steps"] > 0
+    # Interrupted after epoch 1 and resumed: the same weights (LookSAM's ĝ_v and step
+    # counter are in the checkpoint; an epoch is not a multiple of k steps).
+    resumed = str(tmp_path / "resumed")
+    train.main(["--out", resumed, *flags, "--stop-after", "1"])
+    assert train.main(["--resume", resumed, "--quiet"])["finished"]
+    other = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)
+    for key, value in saved["model"].items():
+        assert torch.equal(value, other["model"][key]), key
