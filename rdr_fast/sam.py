@@ -145,6 +145,17 @@ def _autocast_forward(forward, amp: bool):
     return run
 
 
+def second_pass(forward, criterion, inputs, targets, weights):
+    """The closure of the perturbed pass: forward at w + e, the loss with the first pass's
+    weights (reused_loss), backward; returns that loss."""
+    def run():
+        features, logits = forward(inputs)
+        loss = reused_loss(criterion, features, logits, targets, weights)
+        loss.backward()
+        return loss
+    return run
+
+
 def rdr_first_pass(optimizer, forward, criterion, inputs, targets):
     """The unperturbed pass of ImbSAM / CC-SAM: (features, logits, loss, weights), with the
     RDR weights and the prototype update computed once, here."""
@@ -316,12 +327,7 @@ class SAM(torch.optim.Optimizer):
             weights = first_pass_weights(criterion)
             loss.backward()
 
-        def second_pass():
-            f2, l2 = forward(inputs)
-            loss2 = reused_loss(criterion, f2, l2, targets, weights)
-            loss2.backward()
-            return loss2
-        self.step(second_pass)
+        self.step(second_pass(forward, criterion, inputs, targets, weights))
         return loss.detach()
 
     def first_pass_only_perturbs(self) -> bool:
@@ -512,12 +518,7 @@ class ImbSAM(SAM):
                 torch._foreach_zero_(grads)
         reused_loss(criterion, features, logits, targets, tail_w).backward()
 
-        def second_pass():
-            f2, l2 = forward(inputs)
-            loss2 = reused_loss(criterion, f2, l2, targets, tail_w)
-            loss2.backward()
-            return loss2
-        self.step(second_pass)
+        self.step(second_pass(forward, criterion, inputs, targets, tail_w))
         return loss.detach()
 
 
