@@ -15,7 +15,10 @@ How the per-class systems become one batched solve:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 
 RATIO_FLOOR = 1e-9  # SPEC §2: r ← max(r, 1e-9)
 
@@ -25,10 +28,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class BatchClasses(NamedTuple):
+    """Who shares a class with whom in a batch, and the state rows each sample reads;
+    gathered once per step for the density ratios and the prototype update."""
+    same: torch.Tensor      # [B, B] float64: 1 where y_i = y_j (block-diagonal up to a permutation)
+    counts: torch.Tensor    # [B] float64: b_{y_j}
+    first: torch.Tensor     # [B] int64: batch index of the first sample of y_j's class
+    protos_y: torch.Tensor  # [B, K]: P_{y_j} before this step's update
+    seen_y: torch.Tensor    # [B] bool: seen[y_j] before this step's update
+
+
+def gather_classes(labels, protos, seen) -> BatchClasses:
+    same = labels[:, None] == labels[None, :]
+    first = same.to(torch.uint8).argmax(1)
+    same = same.to(torch.float64)
+    return BatchClasses(same, same.sum(1), first, protos[labels], seen[labels])
+
+
 def _ridge(trace: torch.Tensor, count: torch.Tensor, ridge: float) -> torch.Tensor:
     """λ = ridge · trace / b, or 1 for an all-zero block (any λ > 0 gives r = 0 there)."""
-    lam = ridge * trace / count.clamp_min(1)
-    return torch.where(trace > 0, lam, torch.ones_like(lam))
+    return torch.where(trace > 0, trace * ridge / count, 1.0)
 
 
 def _spd_solve(system, rhs):
@@ -39,58 +58,72 @@ def _spd_solve(system, rhs):
     return torch.linalg.solve_triangular(chol.mT, half, upper=True)
 
 
-def _small_class_coefficients(gram, same, small, lam, rhs):
-    """(X_c X_cᵀ + λ_c I)⁻¹ X_c P_c for every class with b_c ≤ K, as one B×B solve. [B]"""
-    block = same & small[:, None]
-    system = torch.where(block, gram, torch.zeros_like(gram))
-    system.diagonal().add_(torch.where(small, lam, torch.ones_like(lam)))
-    rhs = torch.where(small, rhs, torch.zeros_like(rhs))
-    return _spd_solve(system, rhs[:, None])[:, 0]
+def _block_diagonal_solve(masked_gram, lam, rhs):
+    """a with (X_c X_cᵀ + λ_c I) a_c = X_c P_c for every class at once, as one B×B solve. [B]
+
+    Cholesky keeps the block structure of the class-masked Gram matrix exactly (no fill-in
+    between blocks), so this is every class's b_c×b_c solve. Classes with b_c > K are
+    solved here too (their blocks are SPD all the same) and replaced by the K×K form
+    afterwards. The system is padded to an odd size with a decoupled identity row: MKL's
+    Cholesky is 2-3× slower at sizes that are multiples of 32 (128: 121 µs, 129: 43 µs
+    on the bench machine).
+    """
+    batch = len(rhs)
+    pad = 1 - batch % 2
+    system = F.pad(masked_gram, (0, pad, 0, pad))
+    system.diagonal().add_(F.pad(lam, (0, pad), value=1.0))
+    return _spd_solve(system, F.pad(rhs, (0, pad))[:, None])[:batch, 0]
 
 
-def _large_class_ratios(z, labels, num_classes, large, sq_norms, protos_y, ridge):
-    """b_c · X_c (X_cᵀX_c + λ_c I)⁻¹ P_c for the classes with b_c > K. [B], valid where large."""
+def _large_class_ratios(z, first, large, lam, protos_y):
+    """b_c · z_jᵀ (X_cᵀX_c + λ_c I)⁻¹ P_c for the classes with b_c > K. [B], valid where large.
+
+    At most M = B // (K+1) classes can be that large (a bound known without looking at
+    the data), so each gets one slot of a batched [M, K, K] solve, in order of first
+    appearance in the batch. The right-hand side is Σ_{i∈c} P_c = b_c·P_c, so the
+    solution already carries the factor b_c.
+    """
     batch, dim = z.shape
     slots = batch // (dim + 1)
-    is_large_class = torch.zeros(num_classes, dtype=torch.bool, device=z.device)
-    is_large_class[labels] = large
-    slot_of_class = torch.cumsum(is_large_class.long(), 0) - 1
-    slot = slot_of_class[labels].clamp(0, slots - 1)
-    members = (slot[None, :] == torch.arange(slots, device=z.device)[:, None]) & large[None, :]
-    members = members.to(z.dtype)                                   # [M, B]
-    counts = members.sum(1)                                         # b_c per slot
-    systems = (members[:, :, None] * z[None]).transpose(1, 2) @ z  # [M, K, K]
-    lam = _ridge(members @ sq_norms, counts, ridge)
-    systems.diagonal(dim1=1, dim2=2).add_(lam[:, None])
-    slot_protos = (members @ protos_y) / counts.clamp_min(1)[:, None]  # P_c of each slot
-    u = _spd_solve(systems, slot_protos[:, :, None])[:, :, 0]  # [M, K]
-    return counts[slot] * (z * u[slot]).sum(1)
+    if slots == 1:  # room for one large class only: its members are the large samples
+        members = large[None].to(z.dtype)
+    else:
+        rows = torch.arange(batch, device=z.device)
+        starts = large & (first == rows)                            # first sample of each large class
+        slot = (torch.cumsum(starts, 0)[first] - 1).clamp_min(0)   # its class's slot (0 where not large)
+        members = ((slot == rows[:slots, None]) & large).to(z.dtype)  # [M, B]
+    systems = (z.T * members[:, None, :]) @ z                       # [M, K, K]
+    # λ_c is shared by the class's samples; an empty slot gets the smallest positive λ
+    # (its right-hand side is 0, so its solution is 0 and it is never read).
+    slot_lam = (members * lam).amax(1).clamp_min(torch.finfo(z.dtype).tiny)
+    systems.diagonal(dim1=1, dim2=2).add_(slot_lam[:, None])
+    u = _spd_solve(systems, (members @ protos_y)[:, :, None])[:, :, 0]  # [M, K]
+    per_slot = z @ u.T                                              # [B, M]
+    return per_slot[:, 0] if slots == 1 else per_slot.gather(1, slot[:, None])[:, 0]
 
 
 def density_ratios_torch(features, labels, protos, seen, ridge: float) -> torch.Tensor:
-    """SPEC §2 step 1: ratios [B] in the compute dtype of features [B,K].
-
-    The systems are built and solved in float64 (see rdr_fast.reference: a float32 Gram
-    matrix of near-duplicate rows loses up to 1e-2 of relative accuracy at ridge 1e-5).
-    """
+    """SPEC §2 step 1: ratios [B] in the compute dtype of features [B,K]."""
     z = features.detach().to(torch.float64)
-    protos = protos.to(torch.float64)
-    batch, dim = z.shape
-    same = labels[:, None] == labels[None, :]
-    counts = same.sum(1).to(z.dtype)                   # b_{y_j}
-    gram = z @ z.T
-    sq_norms = gram.diagonal()
-    lam = _ridge(same.to(z.dtype) @ sq_norms, counts, ridge)
-    protos_y = protos[labels]
-    rhs = (z * protos_y).sum(1)                        # z_j · P_{y_j}
-    small = counts <= dim
-    ratios = counts * _small_class_coefficients(gram, same, small, lam, rhs)
-    if batch > dim:  # a static condition: only then can some b_c exceed K
-        large = _large_class_ratios(z, labels, len(protos), ~small, sq_norms, protos_y, ridge)
-        ratios = torch.where(small, ratios, large)
-    ratios = ratios.clamp_min(RATIO_FLOOR)
-    ratios = torch.where(seen[labels], ratios, torch.ones_like(ratios))
+    ratios = _density_ratios(z, gather_classes(labels, protos, seen), ridge)
     return ratios.to(compute_dtype(features.dtype))
+
+
+def _density_ratios(z, classes: BatchClasses, ridge: float) -> torch.Tensor:
+    """Ratios [B] from float64 features z [B,K]. The systems are built and solved in
+    float64 (see rdr_fast.reference: a float32 Gram matrix of near-duplicate rows loses
+    up to 1e-2 of relative accuracy at ridge 1e-5)."""
+    batch, dim = z.shape
+    gram = z @ z.T
+    lam = _ridge(classes.same @ gram.diagonal(), classes.counts, ridge)  # λ_{y_j}
+    protos_y = classes.protos_y.to(z.dtype)
+    rhs = (z * protos_y).sum(1)                        # z_j · P_{y_j}
+    ratios = classes.counts * _block_diagonal_solve(gram * classes.same, lam, rhs)
+    if batch > dim:  # a static condition: only then can some b_c exceed K
+        large = classes.counts > dim
+        large_ratios = _large_class_ratios(z, classes.first, large, lam, protos_y)
+        ratios = torch.where(large, large_ratios, ratios)
+    return torch.where(classes.seen_y, ratios.clamp_min_(RATIO_FLOOR), 1.0)
 
 
 def sample_weights_torch(ratios, labels, class_factors, temperature: float, use_ratios: bool,
@@ -103,22 +136,19 @@ def sample_weights_torch(ratios, labels, class_factors, temperature: float, use_
         weights = weights * ratios
     if temperature != 1.0:
         weights = weights.pow(temperature)
-    return weights * (len(labels) / weights.sum())
+    return weights / weights.mean()  # w · B / Σ w
 
 
-def update_prototypes_torch_(protos, seen, z, labels, momentum: float) -> None:
+def update_prototypes_torch_(protos, seen, z, labels, classes: BatchClasses, momentum: float) -> None:
     """SPEC §2 step 4, in place on protos [C,K] and seen [C]; touches only present classes.
 
     Class means are accumulated per *batch slot* (the first batch index of each class),
     so the scratch memory is [B, K] whatever C is (C may be 100 000).
     """
-    same = labels[:, None] == labels[None, :]
-    slot = same.to(torch.uint8).argmax(1)               # first sample of y_j's class
-    sums = torch.zeros_like(z).index_add_(0, slot, z)
-    counts = same.sum(1, keepdim=True).to(z.dtype)
-    mean_y = sums[slot] / counts
-    old_y = protos[labels].to(z.dtype)
-    new_y = torch.where(seen[labels, None], momentum * old_y + (1 - momentum) * mean_y, mean_y)
+    sums = torch.zeros_like(z).index_add_(0, classes.first, z)
+    mean_y = sums[classes.first] / classes.counts.to(z.dtype)[:, None]
+    blended = torch.lerp(mean_y, classes.protos_y.to(z.dtype), momentum)  # m·P + (1−m)·mean
+    new_y = torch.where(classes.seen_y[:, None], blended, mean_y)
     protos.index_put_((labels,), new_y.to(protos.dtype))
     seen.index_fill_(0, labels, True)
 
@@ -148,13 +178,14 @@ def rdr_weights_and_update_torch(features, labels, prototypes, seen, class_facto
     """Steps 1, 2 and 4: weights from the current prototypes, then the in-place update."""
     dtype = compute_dtype(features.dtype)
     z = features.detach().to(dtype)
+    classes = gather_classes(labels, prototypes, seen)
     if use_ratios and not uniform:
-        ratios = density_ratios_torch(features, labels, prototypes, seen, ridge)
+        ratios = _density_ratios(features.detach().to(torch.float64), classes, ridge).to(dtype)
     else:
         ratios = torch.ones(len(labels), dtype=dtype, device=z.device)
     weights = sample_weights_torch(ratios, labels, class_factors, temperature, use_ratios, uniform)
     if update:
-        update_prototypes_torch_(prototypes, seen, z, labels, momentum)
+        update_prototypes_torch_(prototypes, seen, z, labels, classes, momentum)
     return weights
 
 

@@ -10,8 +10,9 @@ from rdr_fast import functional as Fn
 from rdr_fast import reference as ref
 from rdr_fast import torch_impl
 
-# (B, C, K): realistic shapes, b_c > K (the K×K path), single sample, single class, K = 1.
-SHAPES = [(128, 10, 64), (128, 100, 64), (96, 4, 8), (64, 2, 3), (1, 4, 6), (40, 1, 8), (33, 7, 1)]
+# (B, C, K): realistic shapes, b_c > K (the K×K path: several slots, and a single slot
+# when B < 2(K+1)), single sample, single class, K = 1.
+SHAPES = [(128, 10, 64), (128, 100, 64), (96, 4, 8), (64, 2, 3), (100, 2, 60), (1, 4, 6), (40, 1, 8), (33, 7, 1)]
 MODES = ["rdr", "inv_freq", "cb", "none"]
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-6)}
 # "op": the public functions, dispatching to the registered CPU kernel; "torch": torch_impl.
