@@ -58,21 +58,31 @@ def _spd_solve(system, rhs):
     return torch.linalg.solve_triangular(chol.mT, half, upper=True)
 
 
-def _block_diagonal_solve(masked_gram, lam, rhs):
-    """a with (X_c X_cᵀ + λ_c I) a_c = X_c P_c for every class at once, as one B×B solve. [B]
+def _class_masked_gram(z, same):
+    """The Gram matrix z zᵀ [B,B] kept only on same-class pairs, inside an [n, n] buffer
+    with n = B rounded up to odd: the extra row and column are a decoupled identity.
 
-    Cholesky keeps the block structure of the class-masked Gram matrix exactly (no fill-in
-    between blocks), so this is every class's b_c×b_c solve. Classes with b_c > K are
-    solved here too (their blocks are SPD all the same) and replaced by the K×K form
-    afterwards. The system is padded to an odd size with a decoupled identity row: MKL's
-    Cholesky is 2-3× slower at sizes that are multiples of 32 (128: 121 µs, 129: 43 µs
-    on the bench machine).
+    Masked by class, the Gram matrix is block-diagonal up to a permutation of the rows,
+    and Cholesky keeps that structure exactly (no fill-in between blocks), so one solve
+    with it is every class's b_c×b_c solve. The odd size is for MKL, whose Cholesky is
+    2-3× slower at multiples of 32 (128: 121 µs, 129: 43 µs on the bench machine).
+    """
+    batch = len(z)
+    system = z.new_zeros(batch | 1, batch | 1)
+    system.diagonal()[batch:].fill_(1.0)
+    torch.mm(z, z.T, out=system[:batch, :batch]).mul_(same)
+    return system
+
+
+def _block_diagonal_solve(system, lam, rhs):
+    """a with (X_c X_cᵀ + λ_c I) a_c = X_c P_c for every class at once. [B]
+
+    ``system`` is _class_masked_gram's buffer, consumed. Classes with b_c > K are solved
+    here too (their blocks are SPD all the same) and replaced by the K×K form afterwards.
     """
     batch = len(rhs)
-    pad = 1 - batch % 2
-    system = F.pad(masked_gram, (0, pad, 0, pad))
-    system.diagonal().add_(F.pad(lam, (0, pad), value=1.0))
-    return _spd_solve(system, F.pad(rhs, (0, pad))[:, None])[:batch, 0]
+    system.diagonal()[:batch].add_(lam)
+    return _spd_solve(system, F.pad(rhs, (0, len(system) - batch))[:, None])[:batch, 0]
 
 
 def _large_class_ratios(z, first, large, lam, protos_y):
@@ -114,11 +124,12 @@ def _density_ratios(z, classes: BatchClasses, ridge: float) -> torch.Tensor:
     float64 (see rdr_fast.reference: a float32 Gram matrix of near-duplicate rows loses
     up to 1e-2 of relative accuracy at ridge 1e-5)."""
     batch, dim = z.shape
-    gram = z @ z.T
-    lam = _ridge(classes.same @ gram.diagonal(), classes.counts, ridge)  # λ_{y_j}
+    system = _class_masked_gram(z, classes.same)
+    sq_norms = system.diagonal()[:batch]               # masking keeps the diagonal
+    lam = _ridge(classes.same @ sq_norms, classes.counts, ridge)  # λ_{y_j}
     protos_y = classes.protos_y.to(z.dtype)
     rhs = (z * protos_y).sum(1)                        # z_j · P_{y_j}
-    ratios = classes.counts * _block_diagonal_solve(gram * classes.same, lam, rhs)
+    ratios = classes.counts * _block_diagonal_solve(system, lam, rhs)
     if batch > dim:  # a static condition: only then can some b_c exceed K
         large = classes.counts > dim
         large_ratios = _large_class_ratios(z, classes.first, large, lam, protos_y)
