@@ -68,16 +68,32 @@ def device_for(ctx: DistContext, device: str) -> str:
     return device
 
 
+def _multi_rank() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Reduce over ranks in place, op "sum" or "max" (a no-op without a process group)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi_rank():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor
 
 
+def average_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over ranks, with one all-reduce of a flat copy
+    (a no-op without a process group)."""
+    if not tensors or not _multi_rank():
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    parts = flat.split([t.numel() for t in tensors])
+    torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _multi_rank():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -140,7 +140,7 @@ def _sam_worker(rank, init_file, out_dir):
     net = Split()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     results = {}
-    for variant in ("sam", "sam_k", "looksam"):
+    for variant in ("sam", "sam_k", "looksam", "imbsam", "ccsam"):
         opt = make_optimizer(variant, net, COUNTS, lr=0.1, rho=0.05, k=2)
         crit = rdr_fast.RDRLoss(COUNTS, 6).double()
         for step in range(3):
