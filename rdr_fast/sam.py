@@ -30,9 +30,10 @@ What one step costs (F+B = one forward and backward of the model) and keeps:
 The perturbation, the global gradient norm and the restore are ``torch._foreach_*``
 calls over the parameter list (one fused launch each on CUDA; no per-parameter Python
 work beyond collecting ``.grad``); the norm is one ``_foreach_norm`` plus one
-reduction, with no host synchronisation. ``e`` is built in place in ``.grad`` (which the
-second pass overwrites anyway), so the only buffer is the copy of w that the restore
-copies back bit for bit. On the CPU this elementwise work runs on one thread
+reduction, with no host synchronisation. ``e`` is built in place in ``.grad``, which is
+then released (set to None) so the second backward writes fresh gradients instead of
+accumulating into zeros; the only buffer is the copy of w that the restore copies back
+bit for bit. On the CPU this elementwise work runs on one thread
 (:func:`serial_on_cpu`): a few MB, where per-tensor OpenMP regions cost more than the work.
 
 With RDR (``criterion`` an :class:`~rdr_fast.RDRLoss`): the criterion runs once, on the
