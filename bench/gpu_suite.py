@@ -217,18 +217,14 @@ def bench_loss(rows, device, shapes, reps, deadline):
                      "max_abs_diff": max(float((got[0] - want[0]).abs()), float((got[1] - want[1]).abs().max()))})
 
 
-def bench_steps(rows, device, batch, reps, deadline, notes, warmup=3):
+def bench_steps(rows, device, batch, reps, deadline, warmup=3):
     import torch
     import torch.nn.functional as F
 
     import rdr_fast
+    from rdr_fast import sam
     from rdr_fast.models import resnet32
 
-    try:
-        from rdr_fast import sam
-    except ImportError:
-        sam = None
-        notes.append("rdr_fast.sam not found: SAM rows skipped")
     num_classes = 100
     counts = [max(1, int(500 * 100.0 ** (-c / (num_classes - 1)))) for c in range(num_classes)]
     g = torch.Generator().manual_seed(0)
@@ -241,8 +237,6 @@ def bench_steps(rows, device, batch, reps, deadline, notes, warmup=3):
     for amp in ([False, True] if device.type == "cuda" else [False]):
         for name, loss, opt_name in combos:
             for mode in modes:
-                if opt_name != "none" and sam is None:
-                    continue
                 if mode == "graph" and opt_name == "sam_k":
                     continue  # its SAM-or-SGD choice is host-side per step: not one graph
                 shape = (batch, num_classes, 64)
@@ -257,25 +251,15 @@ def bench_steps(rows, device, batch, reps, deadline, notes, warmup=3):
                 else:
                     def crit(features, logits, targets):
                         return F.cross_entropy(logits, targets)
-                if sam is not None:
-                    opt = sam.make_optimizer(opt_name, model, counts, lr=0.1, momentum=0.9, weight_decay=2e-4)
-                else:
-                    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+                opt = sam.make_optimizer(opt_name, model, counts, lr=0.1, momentum=0.9, weight_decay=2e-4)
 
                 def forward(x, model=model, amp=amp):  # autocast's weight cache must be off in graphs
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
                         features, logits = model(x)
                     return features.float(), logits.float()
 
-                def step(opt=opt, crit=crit, forward=forward, model=model):
-                    if sam is not None:
-                        return sam.train_step(opt, forward, crit, images, labels)
-                    features, logits = forward(images)
-                    out = crit(features, logits, labels)
-                    opt.zero_grad(set_to_none=True)
-                    out.backward()
-                    opt.step()
-                    return out.detach()
+                def step(opt=opt, crit=crit, forward=forward):
+                    return sam.train_step(opt, forward, crit, images, labels)
                 timer = (lambda: timed(step, device, reps, warmup)) if mode == "eager" else \
                     (lambda: timed_graph(step, reps))
                 record(rows, "step", shape, name, mode, timer, precision="bf16-autocast" if amp else "fp32")
@@ -327,8 +311,6 @@ def print_table(result) -> None:
               f"{row.get('mode', ''):6s} {row.get('precision', ''):14s} {ms} {speed} {note}")
     for check in result.get("checks", []):
         print(f"CHECK {'PASS' if check['pass'] else 'FAIL'} {check['value']:.3f}  {check['check']}")
-    for note in result.get("notes", []):
-        print(f"note: {note}")
 
 
 def bench_phase(args) -> dict:
@@ -345,16 +327,16 @@ def bench_phase(args) -> dict:
             "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "backends": rdr_fast.backends(), "dry_run": args.dry_run,
             "torch_threads": torch.get_num_threads()}
-    rows, notes = [], []
+    rows = []
     deadline = args.deadline or time.time() + args.budget_s
     reps = 3 if args.dry_run else 50
     bench_weights(rows, device, DRY_WEIGHT_SHAPES if args.dry_run else WEIGHT_SHAPES, reps, deadline)
     bench_loss(rows, device, DRY_LOSS_SHAPES if args.dry_run else LOSS_SHAPES, reps, deadline)
     if args.dry_run:
-        bench_steps(rows, device, 8, 1, deadline, notes, warmup=1)
+        bench_steps(rows, device, 8, 1, deadline, warmup=1)
     else:
-        bench_steps(rows, device, 128, 30, deadline, notes)
-    return {"meta": meta, "rows": rows, "notes": notes}
+        bench_steps(rows, device, 128, 30, deadline)
+    return {"meta": meta, "rows": rows}
 
 
 def main(argv=None) -> dict:
