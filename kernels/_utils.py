@@ -49,9 +49,31 @@ def interpreting(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def _squeeze_interpreted_scalars() -> None:
+    """Triton 3.6's interpreter turns a scalar tensor into a Python int with
+    ``int(ndarray)``, which NumPy 2.4 refuses for the one-element rank-1 arrays a scalar
+    load gives (a loop bound such as ``range(0, b, BS)`` then fails); Triton 3.8 squeezes
+    first. Do the same on older versions, once, so the interpreter runs our kernels under
+    both (checked with Triton 3.6.0 and 3.8.0, NumPy 2.4)."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "squeezes", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    patched.squeezes = True
+    interpreter._patch_lang_tensor = patched
+
+
 def launchable(kernel, device: torch.device):
     """``kernel`` as decorated for CUDA tensors; for CPU tensors, its interpreted form."""
-    if device.type != "cpu" or interpreting(kernel):
+    if device.type != "cpu":
+        return kernel
+    _squeeze_interpreted_scalars()
+    if interpreting(kernel):
         return kernel
     if kernel not in _INTERPRETED:
         from triton.runtime.interpreter import InterpretedFunction
