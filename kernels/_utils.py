@@ -53,8 +53,9 @@ def _squeeze_interpreted_scalars() -> None:
     """Triton 3.6's interpreter turns a scalar tensor into a Python int with
     ``int(ndarray)``, which NumPy 2.4 refuses for the one-element rank-1 arrays a scalar
     load gives (a loop bound such as ``range(0, b, BS)`` then fails); Triton 3.8 squeezes
-    first. Do the same on older versions, once, so the interpreter runs our kernels under
-    both (checked with Triton 3.6.0 and 3.8.0, NumPy 2.4)."""
+    first. Wrap the hook that installs ``__index__`` (whenever it exists; on 3.8 the
+    wrapper changes nothing) so the interpreter runs our kernels under both (checked
+    with Triton 3.6.0 and 3.8.0, NumPy 2.4)."""
     from triton.runtime import interpreter
 
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)

@@ -1,7 +1,9 @@
 """Multi-process training with torch.distributed (launched by torchrun).
 
 What is synchronised, and how:
-- gradients: DistributedDataParallel (all-reduce of the mean gradient);
+- gradients: DistributedDataParallel (all-reduce of the mean gradient), except a SAM
+  first pass whose gradient only builds the perturbation (it stays per rank under
+  no_sync; ImbSAM averages its head gradient with `average_`, see rdr_fast.sam);
 - BatchNorm: statistics of the global batch — torch's SyncBatchNorm on CUDA, and
   `GlobalBatchNorm` (the same maths through a differentiable all-reduce) on the CPU,
   where torch's SyncBatchNorm refuses to run;
@@ -105,15 +107,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        y = x.clone()
-        dist.all_reduce(y)
-        return y
+        return all_reduce_(x.clone())
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return all_reduce_(grad.clone())
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -138,10 +136,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = (stats[channels:2 * channels] / total - mean * mean).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():
-                momentum = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked.add_(1)
+                # momentum None: the cumulative average, as nn.BatchNorm
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach(), momentum)
                 self.running_var.lerp_(var.detach() * total / (total - 1).clamp_min(1), momentum)
-                self.num_batches_tracked.add_(1)
         shape = [1, channels] + [1] * (x.dim() - 2)
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:

@@ -1,4 +1,6 @@
-"""Stateless RDR functions (SPEC §2), each a thin validated wrapper over the custom ops.
+"""Stateless RDR functions (SPEC §2): validated wrappers over the two custom ops
+(rdr_weights_and_update, weighted_loss), plus density_ratios (the PyTorch path, for
+inspection) and the plain-torch helpers class_factors and log_prior.
 
 Shapes: B samples, C classes, K feature width. Labels are int64 in [0, C).
 Features and logits may be float64, float32, bfloat16 or float16; everything but

@@ -2,9 +2,10 @@
 
 With no flags: digits_lt (scikit-learn's bundled digits, long-tailed, IF 100), a small
 CNN, CE + RDR, the paper's protocol otherwise (SGD 0.9, wd 2e-4, lr 0.1 cosine, batch
-128, 200 epochs, warm-up over the first 5/200 of training) — about a minute on 2 CPU cores.
-Each epoch: train, evaluate (overall / Many / Medium / Few / per class), write
-metrics.csv and plots, replace the checkpoint atomically. `--resume DIR` continues a
+128, 200 epochs, warm-up over the first 5/200 of training) — about 40 s on 2 CPU cores.
+Each epoch: train, evaluate every `--eval-every` epochs and at the end (overall / Many /
+Medium / Few / per class, a metrics.csv row), replace the checkpoint atomically; the
+plots are drawn when the run ends. `--resume DIR` continues a
 run exactly where its last completed epoch left it.
 """
 from __future__ import annotations

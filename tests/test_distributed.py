@@ -140,7 +140,7 @@ def _sam_worker(rank, init_file, out_dir):
     net = Split()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     results = {}
-    for variant in ("sam", "sam_k", "looksam", "imbsam", "ccsam"):
+    for variant in ("sam", "asam", "sam_k", "looksam", "imbsam", "ccsam"):
         opt = make_optimizer(variant, net, COUNTS, lr=0.1, rho=0.05, k=2)
         crit = rdr_fast.RDRLoss(COUNTS, 6).double()
         for step in range(3):
@@ -157,3 +157,23 @@ def test_sam_variants_keep_ranks_identical_under_ddp(tmp_path):
     for variant, params in ranks[0].items():
         for a, b in zip(params, ranks[1][variant]):
             assert torch.equal(a, b), variant
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batchnorm_equals_batchnorm_in_one_process(momentum):
+    """Without a process group GlobalBatchNorm is nn.BatchNorm2d: output, input gradient
+    and running statistics (momentum=None: the cumulative average) over a few steps."""
+    torch.manual_seed(0)
+    ours, theirs = distributed.GlobalBatchNorm(3, momentum=momentum).double(), torch.nn.BatchNorm2d(3, momentum=momentum).double()
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = ours(xa), theirs(xb)
+        torch.testing.assert_close(ya, yb)
+        (ya * torch.arange(ya.numel(), dtype=ya.dtype).view_as(ya)).sum().backward()
+        (yb * torch.arange(yb.numel(), dtype=yb.dtype).view_as(yb)).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))

@@ -109,7 +109,8 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
     shard_id / num_shards: this process's share for multi-process training; batch_size
       is then the global batch (see rdr_fast.data._loaders for the convention).
     All loaders share the augmentation of the torch path (zero-padded random crop,
-    flip p=0.5, the dataset's mean/std; deterministic test transforms) and the epoch
+    flip p=0.5 for the in-memory sets, random-resized crop + flip + colour jitter for
+    the JPEG sets; the dataset's mean/std; deterministic test transforms) and the epoch
     order; train batches are not dropped (the last one is partial). The torch loader
     draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
     workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).
