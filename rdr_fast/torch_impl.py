@@ -70,7 +70,7 @@ def _class_masked_gram(z, same):
     batch = len(z)
     system = z.new_zeros(batch | 1, batch | 1)
     system.diagonal()[batch:].fill_(1.0)
-    torch.mm(z, z.T, out=system[:batch, :batch]).mul_(same)
+    system[:batch, :batch] = (z @ z.T).mul_(same)
     return system
 
 

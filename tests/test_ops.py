@@ -99,3 +99,28 @@ def test_missing_cpp_kernels_warn_once_and_fall_back_to_the_torch_path():
                           env={**os.environ, "RDR_FAST_IMPL": "auto"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "['torch'] 1"
+
+
+@pytest.mark.parametrize("shape", [(128, 100, 64), (96, 4, 8)], ids=["one-KxK-slot", "many-KxK-slots"])
+def test_torch_path_traces_without_graph_breaks(shape):
+    """The PyTorch path (the GPU fallback) has no host sync and no data-dependent shape:
+    torch.compile(fullgraph=True) traces it whole, and the traced run equals eager,
+    prototype update included."""
+    from rdr_fast import functional as Fn
+    from rdr_fast import torch_impl
+    batch, num_classes, dim = shape
+    counts = long_tail_counts(num_classes)
+    labels = long_tail_labels(batch, counts)
+    features = torch.randn(batch, dim).relu()
+    factors = Fn.class_factors(counts)
+
+    def step(protos, seen):
+        return torch_impl.rdr_weights_and_update_torch(features, labels, protos, seen, factors, 1e-5, 1.0, 0.9,
+                                                       True, False, True)
+    state = [torch.randn(num_classes, dim), torch.rand(num_classes) < 0.8]
+    compiled_state = [t.clone() for t in state]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        torch.testing.assert_close(compiled(*compiled_state), step(*state), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_state[0], state[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(compiled_state[1], state[1])
