@@ -66,7 +66,7 @@ def _class_masked_gram(z, same):
     and Cholesky keeps that structure exactly (no fill-in between blocks), so one solve
     with it is every class's b_c×b_c solve. The odd size is for MKL, whose Cholesky is
     1.5-3× slower at multiples of 64 and some other multiples of 32 (128: 121 µs, 129:
-    43 µs; 224: 177 µs, 225 and 200 cheaper; measured single-threaded on the bench machine).
+    43 µs; 224: 177 µs vs 200: 105 µs; single-threaded, on the bench machine).
     """
     batch = len(z)
     system = z.new_zeros(batch | 1, batch | 1)
