@@ -115,15 +115,14 @@ def _large_class_ratios(z, first, large, lam, protos_y):
 
 def density_ratios_torch(features, labels, protos, seen, ridge: float) -> torch.Tensor:
     """SPEC §2 step 1: ratios [B] in the compute dtype of features [B,K]."""
+    return _density_ratios(features, gather_classes(labels, protos, seen), ridge)
+
+
+def _density_ratios(features, classes: BatchClasses, ridge: float) -> torch.Tensor:
+    """Ratios [B] in the compute dtype of features [B,K]. The systems are built and solved
+    in float64 (see rdr_fast.reference: a float32 Gram matrix of near-duplicate rows
+    loses up to 1e-2 of relative accuracy at ridge 1e-5)."""
     z = features.detach().to(torch.float64)
-    ratios = _density_ratios(z, gather_classes(labels, protos, seen), ridge)
-    return ratios.to(compute_dtype(features.dtype))
-
-
-def _density_ratios(z, classes: BatchClasses, ridge: float) -> torch.Tensor:
-    """Ratios [B] from float64 features z [B,K]. The systems are built and solved in
-    float64 (see rdr_fast.reference: a float32 Gram matrix of near-duplicate rows loses
-    up to 1e-2 of relative accuracy at ridge 1e-5)."""
     batch, dim = z.shape
     system = _class_masked_gram(z, classes.same)
     sq_norms = system.diagonal()[:batch]               # masking keeps the diagonal
@@ -135,7 +134,8 @@ def _density_ratios(z, classes: BatchClasses, ridge: float) -> torch.Tensor:
         large = classes.counts > dim
         large_ratios = _large_class_ratios(z, classes.first, large, lam, protos_y)
         ratios = torch.where(large, large_ratios, ratios)
-    return torch.where(classes.seen_y, ratios.clamp_min_(RATIO_FLOOR), 1.0)
+    ratios = torch.where(classes.seen_y, ratios.clamp_min_(RATIO_FLOOR), 1.0)
+    return ratios.to(compute_dtype(features.dtype))
 
 
 def sample_weights_torch(ratios, labels, class_factors, temperature: float, use_ratios: bool,
@@ -192,7 +192,7 @@ def rdr_weights_and_update_torch(features, labels, prototypes, seen, class_facto
     z = features.detach().to(dtype)
     classes = gather_classes(labels, prototypes, seen)
     if use_ratios and not uniform:
-        ratios = _density_ratios(features.detach().to(torch.float64), classes, ridge).to(dtype)
+        ratios = _density_ratios(features, classes, ridge)
     else:
         ratios = torch.ones(len(labels), dtype=dtype, device=z.device)
     weights = sample_weights_torch(ratios, labels, class_factors, temperature, use_ratios, uniform)

@@ -10,6 +10,7 @@ import torch
 
 import rdr_fast
 from rdr_fast import functional as Fn
+from rdr_fast import torch_impl
 from conftest import long_tail_counts, long_tail_labels
 
 
@@ -106,8 +107,6 @@ def test_torch_path_traces_without_graph_breaks(shape):
     """The PyTorch path (the GPU fallback) has no host sync and no data-dependent shape:
     torch.compile(fullgraph=True) traces it whole, and the traced run equals eager,
     prototype update included."""
-    from rdr_fast import functional as Fn
-    from rdr_fast import torch_impl
     batch, num_classes, dim = shape
     counts = long_tail_counts(num_classes)
     labels = long_tail_labels(batch, counts)
