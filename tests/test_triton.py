@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
@@ -138,6 +139,21 @@ def test_many_more_classes_than_samples(device):
     assert_matches_reference(device, features, labels, protos, seen, counts, temperature=0.5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(256, 100_000, 8), (48, 3, 2048), (1024, 5, 48)],
+                         ids=["C100000", "K2048", "B1024"])
+def test_the_issues_limits(device, shape):
+    """One limit of the GPU issue at a time (C up to 100 000, K up to 2048, B up to 1024) on
+    shapes the interpreter runs in seconds: 100 000 classes with one large class and the
+    rest spread thinly (the grid is min(B, C), nothing is sized by C but the state); a
+    2048-wide b×b system; a 1024-sample batch whose head classes take the K×K form."""
+    features, labels, protos, seen, counts = batch(*shape, seen_fraction=0.9)
+    if shape[1] == 100_000:
+        labels = torch.randint(0, shape[1], (shape[0],))
+        labels[:100] = 7
+    assert_matches_reference(device, features, labels, protos, seen, counts, temperature=0.5)
+
+
 def test_eval_mode_changes_no_state(device):
     features, labels, protos, seen, counts = batch(48, 5, 8)
     expected = ref.rdr_loss_ref(features, torch.zeros(48, 5, dtype=torch.float64), labels, protos, seen, counts,
@@ -150,9 +166,10 @@ def test_eval_mode_changes_no_state(device):
 # ---- weighted loss -----------------------------------------------------------------------
 @pytest.mark.parametrize("base", ["ce", "focal", "la"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("num_classes", [7, 600, 5000])  # one chunk; several (the chunk is 256
-def test_loss_and_gradient(device, base, dtype, num_classes):  # interpreted, 4096 compiled)
-    num = 40 if num_classes == 7 else 3
+# one chunk; several (the chunk is 256 interpreted, 4096 compiled); the issue's 100 000 classes
+@pytest.mark.parametrize("num_classes", [7, 600, 5000, pytest.param(100_000, marks=pytest.mark.slow)])
+def test_loss_and_gradient(device, base, dtype, num_classes):
+    num = 40 if num_classes == 7 else 3 if num_classes < 100_000 else 2
     counts = long_tail_counts(num_classes)
     logits = (3 * torch.randn(num, num_classes, dtype=torch.float64)).to(dtype)
     labels = torch.randint(0, num_classes, (num,))
@@ -240,6 +257,45 @@ def test_kernels_compile_for_sm90():
     if run.returncode != 0 and run.stderr.strip().splitlines()[-1:] and "API" in run.stderr.splitlines()[-1]:
         pytest.skip(f"this Triton's ahead-of-time compile API differs: {run.stderr.splitlines()[-1]}")
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+class HostReads(TorchDispatchMode):
+    """Records every aten op that makes the host wait for a device value: a scalar read,
+    an output whose size depends on the data, or a boolean mask index."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero.",
+               "aten.masked_select", "aten.unique", "aten._unique", "aten.repeat_interleave.Tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if name.startswith(self.SYNCING) or bool_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_host_reads_in_the_gpu_path():
+    """The CPU counterpart of the CUDA-graph test below: the launchers (interpreted here),
+    and RDRLoss's own code around the ops with the GPU default validate=None → no data
+    checks, issue no op that waits for a device value. The detector itself is checked on
+    an op that does read one."""
+    features, labels, protos, seen, counts = batch(64, 6, 16)
+    factors = Fn.class_factors(counts, "rdr")
+    logits = torch.randn(64, 6, requires_grad=True)
+    crit = rdr_fast.RDRLoss(counts, 16, base="la", warmup_steps=2, validate=False)
+    with HostReads() as mode:
+        rdr_weights_and_update_triton(features, labels, protos, seen, factors, 1e-5, 0.5, 0.9, True, False, True)
+        weighted_loss_triton(logits.detach(), labels, torch.ones(64), factors, 1.5, True)
+        crit(features.float(), logits, labels).backward()
+    assert mode.reads == []
+    with HostReads() as mode:
+        features[labels == 0].sum().item()
+    assert "aten._local_scalar_dense.default" in mode.reads and len(mode.reads) >= 2
 
 
 @pytest.mark.gpu
