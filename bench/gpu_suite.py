@@ -330,12 +330,16 @@ def bench_phase(args) -> dict:
     rows = []
     deadline = args.deadline or time.time() + args.budget_s
     reps = 3 if args.dry_run else 50
-    bench_weights(rows, device, DRY_WEIGHT_SHAPES if args.dry_run else WEIGHT_SHAPES, reps, deadline)
-    bench_loss(rows, device, DRY_LOSS_SHAPES if args.dry_run else LOSS_SHAPES, reps, deadline)
+    weight_shapes = DRY_WEIGHT_SHAPES if args.dry_run else WEIGHT_SHAPES
+    # The acceptance rows first (weights at the first shape, then the steps), so that a
+    # tight budget cuts the extra shapes, never them.
+    bench_weights(rows, device, weight_shapes[:1], reps, deadline)
     if args.dry_run:
         bench_steps(rows, device, 8, 1, deadline, warmup=1)
     else:
         bench_steps(rows, device, 128, 30, deadline)
+    bench_weights(rows, device, weight_shapes[1:], reps, deadline)
+    bench_loss(rows, device, DRY_LOSS_SHAPES if args.dry_run else LOSS_SHAPES, reps, deadline)
     return {"meta": meta, "rows": rows}
 
 

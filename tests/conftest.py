@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rdr_fast.ops as ops  # noqa: F401  (registers the custom ops)
 
@@ -47,3 +48,23 @@ def make_batch():
         protos, seen = random_state(num_classes, dim, torch.float64, seen_fraction)
         return features.to(dtype), labels, protos, seen, counts
     return _make
+
+
+class HostReads(TorchDispatchMode):
+    """Records every aten op that makes the host wait for a device value: a scalar read,
+    an output whose size depends on the data, or a boolean mask index."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero.",
+               "aten.masked_select", "aten.unique", "aten._unique", "aten.repeat_interleave.Tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith(("aten.index.", "aten.index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
+        if name.startswith(self.SYNCING) or bool_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))

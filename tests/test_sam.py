@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import HostReads
 from rdr_fast import RDRLoss, functional, sam
 
 COUNTS = [60, 30, 15, 8, 4, 2]           # tail (< 20 samples): classes 2..5
@@ -381,6 +382,21 @@ def test_imbsam_tail_split_and_tail_less_batch_is_sgd():
     sam.train_step(opt, model, crit, x, y)
     sam.train_step(make("none", sgd_model), sgd_model, sgd_crit, x, y)
     assert_same(params_of(model), params_of(sgd_model))
+
+
+@pytest.mark.parametrize("name", ["none", "sam", "asam", "imbsam", "ccsam", "sam_k", "looksam"])
+def test_steps_read_no_device_value_on_the_host(name):
+    """What lets bench/gpu_suite.py capture a whole SAM step in a CUDA graph (and keeps an
+    eager GPU step from stalling): no variant's step waits for a device value; RDRLoss as
+    on a GPU (validate=False, the default there). Two steps each: k-step variants choose
+    SAM or SGD by a host counter, which is not a device read."""
+    model, crit, x, y = setup()
+    crit.validate = False
+    opt = make(name, model, k=2)
+    for _ in range(2):
+        with HostReads() as mode:
+            sam.train_step(opt, model, crit, x, y)
+        assert mode.reads == []
 
 
 # ----------------------------------------------------------------------------- state, API

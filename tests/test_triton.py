@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
@@ -26,7 +25,7 @@ from rdr_fast import reference as ref  # noqa: E402
 from rdr_fast.kernels import rdr_weights_and_update_triton, weighted_loss_triton  # noqa: E402
 from rdr_fast.kernels import rdr_weights_and_update as weights_module  # noqa: E402
 from rdr_fast.kernels._utils import interpreting  # noqa: E402
-from conftest import long_tail_counts, long_tail_labels  # noqa: E402
+from conftest import HostReads, long_tail_counts, long_tail_labels  # noqa: E402
 
 INTERPRETED = interpreting(weights_module._rdr_segment_kernel)
 HAS_CUDA = torch.cuda.is_available()
@@ -257,26 +256,6 @@ def test_kernels_compile_for_sm90():
     if run.returncode != 0 and run.stderr.strip().splitlines()[-1:] and "API" in run.stderr.splitlines()[-1]:
         pytest.skip(f"this Triton's ahead-of-time compile API differs: {run.stderr.splitlines()[-1]}")
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
-
-
-class HostReads(TorchDispatchMode):
-    """Records every aten op that makes the host wait for a device value: a scalar read,
-    an output whose size depends on the data, or a boolean mask index."""
-
-    SYNCING = ("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero.",
-               "aten.masked_select", "aten.unique", "aten._unique", "aten.repeat_interleave.Tensor")
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        bool_index = name.startswith(("aten.index.", "aten.index_put")) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ())
-        if name.startswith(self.SYNCING) or bool_index:
-            self.reads.append(name)
-        return func(*args, **(kwargs or {}))
 
 
 def test_no_host_reads_in_the_gpu_path():
