@@ -16,6 +16,7 @@ compiled kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -67,6 +68,15 @@ def _squeeze_interpreted_scalars() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
     patched.squeezes = True
     interpreter._patch_lang_tensor = patched
+
+
+def on_device(device: torch.device):
+    """Context for a launch: Triton launches on the *current* CUDA device and its current
+    stream, not on the tensors' device, and torch.library does not switch devices for a
+    Python kernel; so tensors on cuda:1 with cuda:0 current would be run on the wrong GPU
+    and stream. Entering the tensors' device makes Triton use it and its current stream
+    (where the launcher's torch ops ran). Capturable in a CUDA graph."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def launchable(kernel, device: torch.device):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, launchable, next_power_of_2
+from ._utils import HAS_TRITON, launchable, next_power_of_2, on_device
 
 if HAS_TRITON:
     import triton
@@ -319,16 +319,18 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     factors = class_factors.to(device=device, dtype=torch.float64).contiguous()
     seen_u8 = seen.view(torch.uint8)
     bs, bk, warps = _block_sizes(device)
-    launchable(_rdr_segment_kernel, device)[(programs,)](
-        starts, order, sorted_labels, z, prototypes, prototypes.stride(0), prototypes.stride(1), seen_u8,
-        seen_u8.stride(0), factors, unnormalised, workspace, vec[0], vec[1], dim, ld, float(ridge),
-        float(temperature), float(momentum),
-        SOLVE=solve, WEIGHTS=not uniform, UPDATE=bool(update), POW=float(temperature) != 1.0, BS=bs, BK=bk,
-        num_warps=warps)
+    with on_device(device):
+        launchable(_rdr_segment_kernel, device)[(programs,)](
+            starts, order, sorted_labels, z, prototypes, prototypes.stride(0), prototypes.stride(1), seen_u8,
+            seen_u8.stride(0), factors, unnormalised, workspace, vec[0], vec[1], dim, ld, float(ridge),
+            float(temperature), float(momentum),
+            SOLVE=solve, WEIGHTS=not uniform, UPDATE=bool(update), POW=float(temperature) != 1.0, BS=bs, BK=bk,
+            num_warps=warps)
     if uniform:
         return torch.ones(batch, dtype=out_dtype, device=device)
     weights = torch.empty(batch, dtype=out_dtype, device=device)
     block = min(1024, next_power_of_2(batch))
-    launchable(_normalize_kernel, device)[(1,)](unnormalised, weights, batch, BLOCK=block,
-                                               num_warps=4 if device.type != "cpu" else 1)
+    with on_device(device):
+        launchable(_normalize_kernel, device)[(1,)](unnormalised, weights, batch, BLOCK=block,
+                                                   num_warps=4 if device.type != "cpu" else 1)
     return weights

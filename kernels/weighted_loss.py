@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, launchable, next_power_of_2
+from ._utils import HAS_TRITON, launchable, next_power_of_2, on_device
 
 if HAS_TRITON:
     import triton
@@ -48,15 +48,19 @@ if HAS_TRITON:
         x = tl.load(x_row + cols, mask=cols < C, other=float("-inf")).to(DTYPE)
         if HAS_ADJUST:
             x += tl.load(adjust_ptr + cols, mask=cols < C, other=0.0).to(DTYPE)
+        # While every logit so far is −inf the running max is −inf, and x − max would be
+        # −inf − (−inf) = NaN: shift by 0 then (the sum stays 0 until a finite logit comes).
         run_max = tl.reduce(x, 0, _MAX)
-        run_sum = tl.reduce(tl.exp(x - run_max), 0, _ADD)
+        shift = tl.where(run_max == float("-inf"), 0.0, run_max)
+        run_sum = tl.reduce(tl.exp(x - shift), 0, _ADD)
         for c0 in range(BLOCK_C, C, BLOCK_C):
             x = tl.load(x_row + c0 + cols, mask=c0 + cols < C, other=float("-inf")).to(DTYPE)
             if HAS_ADJUST:
                 x += tl.load(adjust_ptr + c0 + cols, mask=c0 + cols < C, other=0.0).to(DTYPE)
             new_max = tl.maximum(run_max, tl.reduce(x, 0, _MAX))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.reduce(tl.exp(x - new_max), 0, _ADD)
-            run_max = new_max
+            new_shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(shift - new_shift) + tl.reduce(tl.exp(x - new_shift), 0, _ADD)
+            run_max, shift = new_max, new_shift
         lse = run_max + tl.log(run_sum)
         # 2. log p_y and the per-sample loss; slope = dℓ/dlog p_y.
         x_y = tl.load(x_row + label).to(DTYPE)
@@ -128,9 +132,10 @@ def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: flo
     row_loss = torch.empty(batch, dtype=dtype, device=device)
     adjust = logit_adjust if logit_adjust is not None else row_loss  # any pointer; not read
     block, warps = _block_c(num_classes, device)
-    launchable(_weighted_loss_kernel, device)[(batch,)](
-        logits.detach(), logits.stride(0), labels, weights, adjust, row_loss, grad,
-        grad.stride(0) if compute_grad else 0, batch, num_classes, float(focal_gamma),
-        HAS_ADJUST=logit_adjust is not None, FOCAL=float(focal_gamma) != 0.0, COMPUTE_GRAD=bool(compute_grad),
-        DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK_C=block, num_warps=warps)
+    with on_device(device):
+        launchable(_weighted_loss_kernel, device)[(batch,)](
+            logits.detach(), logits.stride(0), labels, weights, adjust, row_loss, grad,
+            grad.stride(0) if compute_grad else 0, batch, num_classes, float(focal_gamma),
+            HAS_ADJUST=logit_adjust is not None, FOCAL=float(focal_gamma) != 0.0, COMPUTE_GRAD=bool(compute_grad),
+            DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, BLOCK_C=block, num_warps=warps)
     return row_loss.sum(), grad

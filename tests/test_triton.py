@@ -195,6 +195,23 @@ def test_focal_is_finite_when_confident(device, gamma):
     assert torch.isfinite(loss).item() and torch.isfinite(grad).all().item()
 
 
+@pytest.mark.parametrize("base", ["ce", "focal"])
+def test_loss_with_whole_chunks_of_minus_inf(device, base):
+    """Masked logits: rows whose first chunk (256 classes interpreted) is all −inf, or all
+    but the last class; the online log-sum-exp must not turn −inf − (−inf) into NaN."""
+    logits = torch.randn(3, 600, dtype=torch.float64)
+    logits[:, :300] = float("-inf")
+    logits[1, :599] = float("-inf")
+    labels, weights = torch.tensor([400, 599, 350]), torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    gamma = 1.5 if base == "focal" else 0.0
+    x = logits.clone().requires_grad_(True)
+    expected = (weights * ref.per_sample_loss_ref(x, labels, base, focal_gamma=gamma)).sum() / 3
+    expected.backward()
+    loss, grad = weighted_loss_triton(logits.to(device), labels.to(device), weights.to(device), None, gamma, True)
+    torch.testing.assert_close(loss.cpu(), expected.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(grad.cpu(), x.grad, **TOL[torch.float64])
+
+
 def test_loss_without_gradient(device):
     logits = torch.randn(8, 3, device=device)
     labels, weights = torch.randint(0, 3, (8,), device=device), torch.ones(8, device=device)
@@ -205,6 +222,28 @@ def test_loss_without_gradient(device):
 
 
 # ---- registration, and the whole step on a GPU --------------------------------------------
+def test_launches_enter_the_tensors_device():
+    """Triton launches on the current CUDA device; the launchers enter the tensors' one."""
+    from rdr_fast.kernels._utils import on_device
+
+    guard = on_device(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with on_device(torch.device("cpu")):
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or INTERPRETED, reason="needs two GPUs")
+def test_tensors_on_the_second_gpu():
+    features, labels, protos, seen, counts = batch(64, 6, 16)
+    with torch.cuda.device(0):
+        assert_matches_reference(torch.device("cuda", 1), features, labels, protos, seen, counts)
+        logits = torch.randn(8, 5, dtype=torch.float64)
+        loss, _ = weighted_loss_triton(logits.to("cuda:1"), torch.zeros(8, dtype=torch.long, device="cuda:1"),
+                                       torch.ones(8, device="cuda:1"), None, 0.0, False)
+        torch.testing.assert_close(loss.cpu(), torch.nn.functional.cross_entropy(logits, torch.zeros(8).long()))
+
+
 def test_cuda_backend_is_triton():
     if rdr_fast.ops.IMPL != "auto":
         pytest.skip(f"RDR_FAST_IMPL={rdr_fast.ops.IMPL} forces the PyTorch path")
@@ -233,14 +272,18 @@ seg = dict(seg_ptr="*i64", order_ptr="*i64", slabel_ptr="*i64", z_ptr="*fp64", p
            w_ptr="*fp64", ws_ptr="*fp64", y_ptr="*fp64", a_ptr="*fp64", K="i32", LD="i32", ridge="fp64",
            temperature="fp64", momentum="fp64")
 bs, bk, warps = W._block_sizes(__import__("torch").device("cuda"))
-for solve in (True, False):
-    build(W._rdr_segment_kernel, seg, dict(SOLVE=solve, WEIGHTS=solve, UPDATE=True, POW=solve, BS=bs, BK=bk), warps)
+# A launch turns every int argument equal to 1 into a constant: the unit strides always
+# (as here with SOLVE), K = LD = 1 for one-feature inputs (as here without).
+unit = (dict(proto_stride1=1, seen_stride=1), dict(proto_stride1=1, seen_stride=1, K=1, LD=1))
+for solve, ones in zip((True, False), unit):
+    build(W._rdr_segment_kernel, seg, dict(SOLVE=solve, WEIGHTS=solve, UPDATE=True, POW=solve, BS=bs, BK=bk, **ones),
+          warps)
 build(W._normalize_kernel, dict(w_ptr="*fp64", out_ptr="*fp32", B="i32"), dict(BLOCK=128), 4)
 loss = dict(logits_ptr="*bf16", logits_stride="i32", labels_ptr="*i64", weights_ptr="*fp32", adjust_ptr="*fp64",
             loss_ptr="*fp32", grad_ptr="*bf16", grad_stride="i32", B="i32", C="i32", focal_gamma="fp64")
 for flag in (True, False):
     build(L._weighted_loss_kernel, loss, dict(HAS_ADJUST=flag, FOCAL=flag, COMPUTE_GRAD=flag,
-          DTYPE=tl.float32 if flag else tl.float64, BLOCK_C=4096), 8)
+          DTYPE=tl.float32 if flag else tl.float64, BLOCK_C=4096, **({} if flag else dict(B=1))), 8)
 print("compiled")
 """
 
