@@ -64,6 +64,10 @@ def rdr_weights_and_update(features, labels, prototypes, seen, class_counts, *, 
     Returns:
         weights: [B], batch mean 1, detached, in the compute dtype. Ones during warm-up
         or with reweight="none".
+
+    The class factors are made from ``class_counts`` on the host at every call and
+    copied to the features' device, which a CUDA graph cannot capture: for graphs use
+    ``RDRLoss``, which keeps them (and the logit adjustment) as buffers.
     """
     _check_state_inputs(features, labels, prototypes, seen, validate)
     check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum)
