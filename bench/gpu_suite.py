@@ -5,8 +5,9 @@
 
 1. install: ``pip install --no-build-isolation --no-deps -e .`` (builds rdr_fast._C against
    the torch already there; never reinstalls torch);
-2. tests: tests/test_triton.py (its CUDA variant compiled, its CPU variant in Triton's
-   interpreter, in the same process), test_functional.py and test_ops.py;
+2. tests: the CUDA tests (``-m gpu``: the Triton kernels compiled, the ops and RDRLoss on
+   CUDA against the reference, the CUDA-graph capture), then the CPU ones of the same
+   files (the kernels in Triton's interpreter), each run logged on its own;
 3. bench, in a fresh process: weights+update (reference loop on the GPU and on the CPU,
    PyTorch path, Triton; eager and CUDA-graph replay), the weighted loss, and ResNet-32
    training steps (B=128, C=100, CIFAR-shaped random tensors: CE, RDR, SAM, RDR+SAM,
@@ -31,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHT_SHAPES = [(128, 100, 64), (128, 10, 64), (256, 1000, 512), (256, 1000, 2048), (1024, 100000, 512)]
 LOSS_SHAPES = [(128, 100), (256, 1000), (1024, 100000)]
 BLOCK_CONFIGS = [(16, 32, 4), (16, 64, 4), (32, 32, 4), (16, 32, 2)]  # (BS, BK, num_warps), first = default
+TEST_FILES = ["tests/test_triton.py", "tests/test_functional.py", "tests/test_ops.py", "tests/test_rdrloss.py"]
 DRY_WEIGHT_SHAPES, DRY_LOSS_SHAPES = [(16, 5, 8), (24, 100, 16)], [(8, 10), (4, 300)]
 
 
@@ -315,6 +317,7 @@ def print_table(result) -> None:
 
 def bench_phase(args) -> dict:
     """Runs in its own process (after the install), so that rdr_fast imports from it."""
+    sys.path.insert(0, ROOT)  # the source tree, should the install have failed (then without _C)
     import torch
 
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -369,10 +372,12 @@ def main(argv=None) -> dict:
         result["install"] = run_logged([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
                                         "-e", ROOT], os.path.join(args.out, "install.log"), 300, env)
     if not (args.dry_run or args.skip_tests):
-        pytest = [sys.executable, "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider"]
-        result["tests"].append(run_logged(pytest + ["tests/test_triton.py", "tests/test_functional.py",
-                                                    "tests/test_ops.py"], os.path.join(args.out, "tests.log"),
-                                          max(60, deadline - time.time() - 200), env))
+        # The CUDA tests first and on their own, so that failures elsewhere (say, the
+        # interpreter under another NumPy) cannot use up --maxfail before they run.
+        pytest = [sys.executable, "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider"] + TEST_FILES
+        for marks, log in (("gpu", "tests_gpu.log"), ("not gpu", "tests_cpu.log")):
+            result["tests"].append(run_logged(pytest + ["-m", marks], os.path.join(args.out, log),
+                                              max(60, deadline - time.time() - 200), env))
     bench_cmd = [sys.executable, os.path.abspath(__file__), "--phase", "bench", "--out", args.out,
                  "--deadline", str(deadline - 20)] + (["--dry-run"] if args.dry_run else [])
     result["bench_run"] = run_logged(bench_cmd, os.path.join(args.out, "bench.log"), max(30, deadline - time.time()),

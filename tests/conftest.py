@@ -10,6 +10,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rdr_fast.ops as ops  # noqa: F401  (registers the custom ops)
 
 
+# A "device" parameter: "cpu" always runs; "cuda" (marked gpu) only where a GPU is.
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     random.seed(0)

@@ -11,7 +11,7 @@ import torch
 import rdr_fast
 from rdr_fast import functional as Fn
 from rdr_fast import torch_impl
-from conftest import long_tail_counts, long_tail_labels
+from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
 
 def weights_args(dtype=torch.float64, batch=24, num_classes=6, dim=8):
@@ -28,16 +28,24 @@ def loss_args(dtype=torch.float64, requires_grad=True, adjust=False, gamma=0.0):
             requires_grad)
 
 
+def on(device, args):
+    """The op arguments with every tensor moved to ``device`` (leaves keep requires_grad)."""
+    return tuple(a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_opcheck_weights_and_update(dtype):
-    torch.library.opcheck(torch.ops.rdr_fast.rdr_weights_and_update.default, weights_args(dtype))
+def test_opcheck_weights_and_update(dtype, device):
+    torch.library.opcheck(torch.ops.rdr_fast.rdr_weights_and_update.default, on(device, weights_args(dtype)))
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("requires_grad", [True, False])
 @pytest.mark.parametrize("adjust,gamma", [(False, 0.0), (True, 0.0), (False, 2.0)])
-def test_opcheck_weighted_loss(requires_grad, adjust, gamma):
+def test_opcheck_weighted_loss(requires_grad, adjust, gamma, device):
     torch.library.opcheck(torch.ops.rdr_fast.weighted_loss.default,
-                          loss_args(requires_grad=requires_grad, adjust=adjust, gamma=gamma))
+                          on(device, loss_args(requires_grad=requires_grad, adjust=adjust, gamma=gamma)))
 
 
 @pytest.mark.parametrize("base", ["ce", "focal", "la"])

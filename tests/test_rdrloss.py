@@ -8,7 +8,7 @@ import torch
 
 import rdr_fast
 from rdr_fast import reference as ref
-from conftest import long_tail_counts, long_tail_labels
+from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
 COUNTS = long_tail_counts(10)
 
@@ -21,21 +21,31 @@ def batches(steps, batch=64, dim=16, dtype=torch.float64):
                torch.randn(batch, len(COUNTS), generator=g, dtype=dtype), labels)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("base", ["ce", "focal", "la"])
 @pytest.mark.parametrize("reweight", ["rdr", "inv_freq", "cb", "none"])
-def test_module_matches_reference_over_steps(base, reweight):
+def test_module_matches_reference_over_steps(base, reweight, device):
+    """Loss, its gradient, weights and state over steps, on the device's registered
+    kernels (C++ on the CPU when built, Triton on CUDA), against the CPU reference."""
     crit = rdr_fast.RDRLoss(COUNTS, 16, base=base, reweight=reweight, warmup_steps=2, tau=0.5,
-                            focal_gamma=2.0, temperature=0.7).double()
+                            focal_gamma=2.0, temperature=0.7).double().to(device)
     protos = torch.zeros(10, 16, dtype=torch.float64)
     seen = torch.zeros(10, dtype=torch.bool)
+    tol = dict(rtol=1e-9, atol=1e-12)
     for step, (feats, logits, labels) in enumerate(batches(5)):
-        loss = crit(feats, logits, labels)
+        x = logits.to(device, copy=True).requires_grad_(True)  # a leaf of its own, also on the CPU
+        loss = crit(feats.to(device), x, labels.to(device))
+        loss.backward()
+        logits.requires_grad_(True)
         expected, w, protos, seen = ref.rdr_loss_ref(
             feats, logits, labels, protos, seen, COUNTS, base=base, reweight=reweight, tau=0.5,
             focal_gamma=2.0, temperature=0.7, warmup=step < 2)
-        torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(crit.last_weights, w, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(crit.prototypes, protos, rtol=1e-9, atol=1e-12)
+        expected.backward()
+        torch.testing.assert_close(loss.cpu(), expected.detach(), **tol)
+        torch.testing.assert_close(x.grad.cpu(), logits.grad, **tol)
+        torch.testing.assert_close(crit.last_weights.cpu(), w, **tol)
+        torch.testing.assert_close(crit.prototypes.cpu(), protos, **tol)
+        assert torch.equal(crit.seen.cpu(), seen)
     assert int(crit.step) == 5
 
 
