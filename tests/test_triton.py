@@ -358,3 +358,41 @@ def test_resnet32_rdr_step_is_capturable_in_a_cuda_graph():
     assert torch.isfinite(static_loss).item()
     assert int(crit.step) == 3 + 3  # warm-up and replays; the capture itself runs nothing
     assert not torch.equal(crit.prototypes, protos)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA or INTERPRETED, reason="needs a GPU and compiled kernels")
+def test_resnet32_rdr_step_under_compile_reduce_overhead():
+    """torch.compile(mode="reduce-overhead"): Inductor with CUDA graphs over a ResNet-32
+    and RDRLoss (the ops run as extern kernels inside the graph). It must not skip CUDA
+    graphs (a host sync or an unsupported mutation would make it) and must follow eager."""
+    from torch._dynamo.utils import counters
+
+    from rdr_fast.models import resnet32
+
+    counts = long_tail_counts(100)
+    x = torch.randn(64, 3, 32, 32, device="cuda")
+    y = long_tail_labels(64, counts).cuda()
+
+    def make():
+        torch.manual_seed(0)
+        model = resnet32(100).cuda()
+        return model, rdr_fast.RDRLoss(counts, model.feat_dim).cuda()
+
+    eager, compiled = make(), make()
+
+    def loss_of(model, crit):
+        features, logits = model(x)
+        return crit(features, logits, y)
+
+    compiled_loss = torch.compile(lambda: loss_of(*compiled), mode="reduce-overhead")
+    counters.clear()
+    for _ in range(4):
+        for (model, crit), fn in ((eager, lambda: loss_of(*eager)), (compiled, compiled_loss)):
+            model.zero_grad(set_to_none=True)
+            fn().backward()
+        torch.testing.assert_close(compiled[1].prototypes, eager[1].prototypes, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(compiled[0].fc.weight.grad, eager[0].fc.weight.grad, rtol=1e-2, atol=1e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert int(compiled[1].step) == 4
