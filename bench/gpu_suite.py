@@ -6,12 +6,12 @@
 1. install: ``pip install --no-build-isolation --no-deps -e .`` (builds rdr_fast._C against
    the torch already there; never reinstalls torch);
 2. tests: the CUDA tests (``-m gpu``: the Triton kernels compiled, the ops and RDRLoss on
-   CUDA against the reference, the CUDA-graph capture), then the CPU ones of the same
-   files (the kernels in Triton's interpreter), each run logged on its own;
+   CUDA against the reference, the CUDA-graph capture and reduce-overhead compile);
 3. bench, in a fresh process: weights+update (reference loop on the GPU and on the CPU,
    PyTorch path, Triton; eager and CUDA-graph replay), the weighted loss, and ResNet-32
    training steps (B=128, C=100, CIFAR-shaped random tensors: CE, RDR, SAM, RDR+SAM,
-   RDR+sam_k; eager and CUDA graph; fp32 and bf16 autocast).
+   RDR+sam_k; eager and CUDA graph; fp32 and bf16 autocast);
+4. tests: the CPU tests of the same files (the kernels in Triton's interpreter).
 Writes DIR/gpu_suite.json (plus the install and test logs) and prints a table. Timing:
 CUDA events, warm-up first, median over repeats. Sections that fail are recorded with
 their error and the suite goes on; sections past the time budget are skipped and say so.
@@ -32,6 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHT_SHAPES = [(128, 100, 64), (128, 10, 64), (256, 1000, 512), (256, 1000, 2048), (1024, 100000, 512)]
 LOSS_SHAPES = [(128, 100), (256, 1000), (1024, 100000)]
 BLOCK_CONFIGS = [(16, 32, 4), (16, 64, 4), (32, 32, 4), (16, 32, 2)]  # (BS, BK, num_warps), first = default
+# Time plan within --budget-s: the install; the CUDA tests, leaving BENCH_S + CPU_TESTS_S;
+# the bench until CPU_TESTS_S before the end (its acceptance rows first); last the CPU
+# tests of the same files (separate from the CUDA ones, so that failures there, say the
+# interpreter under another NumPy, cannot use up --maxfail before the CUDA tests ran).
+BENCH_S, CPU_TESTS_S = 240, 70
 TEST_FILES = ["tests/test_triton.py", "tests/test_functional.py", "tests/test_ops.py", "tests/test_rdrloss.py"]
 DRY_WEIGHT_SHAPES, DRY_LOSS_SHAPES = [(16, 5, 8), (24, 100, 16)], [(8, 10), (4, 300)]
 
@@ -299,9 +304,11 @@ def print_table(result) -> None:
     meta = result["meta"]
     print(f"\n== rdr_fast GPU suite: {meta.get('device')} | {meta.get('date')} | torch {meta.get('torch')} | "
           f"triton {meta.get('triton')} | dry_run={meta.get('dry_run')}")
-    for test in result.get("tests", []):
-        summary = test["tail"].strip().splitlines()[-1] if test["tail"].strip() else ""
-        print(f"tests rc={test['rc']} {test['seconds']}s: {test['cmd'][-70:]} -> {summary}")
+    for step in ([result["install"]] if result.get("install") else []) + result.get("tests", []) + \
+            [result.get("bench_run") or {}]:
+        if step and (step["rc"] != 0 or step in result.get("tests", [])):
+            summary = step["tail"].strip().splitlines()[-1] if step["tail"].strip() else ""
+            print(f"rc={step['rc']} {step['seconds']}s: {step['cmd'][-70:]} -> {summary}")
     print(f"{'section':8s} {'shape':22s} {'impl':24s} {'mode':6s} {'prec':14s} {'ms':>10s} {'x ref':>8s}")
     for row in result.get("rows", []):
         ms = f"{row['ms']:10.4f}" if "ms" in row else f"{'-':>10s}"
@@ -370,18 +377,20 @@ def main(argv=None) -> dict:
     result = {"install": None, "tests": []}
     if not (args.dry_run or args.skip_install):
         result["install"] = run_logged([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
-                                        "-e", ROOT], os.path.join(args.out, "install.log"), 300, env)
-    if not (args.dry_run or args.skip_tests):
-        # The CUDA tests first and on their own, so that failures elsewhere (say, the
-        # interpreter under another NumPy) cannot use up --maxfail before they run.
-        pytest = [sys.executable, "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider"] + TEST_FILES
-        for marks, log in (("gpu", "tests_gpu.log"), ("not gpu", "tests_cpu.log")):
-            result["tests"].append(run_logged(pytest + ["-m", marks], os.path.join(args.out, log),
-                                              max(60, deadline - time.time() - 200), env))
+                                        "-e", ROOT], os.path.join(args.out, "install.log"), 240, env)
+    tests = not (args.dry_run or args.skip_tests)
+    pytest = [sys.executable, "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider"] + TEST_FILES
+    if tests:  # the CUDA tests, leaving the bench and the CPU tests their time
+        result["tests"].append(run_logged(pytest + ["-m", "gpu"], os.path.join(args.out, "tests_gpu.log"),
+                                          max(60, deadline - time.time() - BENCH_S - CPU_TESTS_S), env))
+    bench_end = deadline - (CPU_TESTS_S if tests else 0)
     bench_cmd = [sys.executable, os.path.abspath(__file__), "--phase", "bench", "--out", args.out,
-                 "--deadline", str(deadline - 20)] + (["--dry-run"] if args.dry_run else [])
-    result["bench_run"] = run_logged(bench_cmd, os.path.join(args.out, "bench.log"), max(30, deadline - time.time()),
+                 "--deadline", str(bench_end - 20)] + (["--dry-run"] if args.dry_run else [])
+    result["bench_run"] = run_logged(bench_cmd, os.path.join(args.out, "bench.log"), max(30, bench_end - time.time()),
                                      env)
+    if tests:  # the interpreter variants and CPU tests (CI runs them too): what time is left
+        result["tests"].append(run_logged(pytest + ["-m", "not gpu"], os.path.join(args.out, "tests_cpu.log"),
+                                          max(30, deadline - time.time()), env))
     part = os.path.join(args.out, "bench_part.json")
     if os.path.exists(part):
         with open(part) as f:
