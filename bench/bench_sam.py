@@ -31,6 +31,7 @@ import torch
 import rdr_fast
 from rdr_fast import sam
 from rdr_fast.models import resnet32
+from conftest import long_tail_labels
 
 BATCH, NUM_CLASSES, K = 128, 100, 5
 ROUNDS = int(os.environ.get("BENCH_SAM_ROUNDS", "3"))
@@ -85,9 +86,7 @@ def make_setup(rdr: bool, seed: int = 0):
     reweight="rdr" or "none" (plain CE through the same fused loss op)."""
     torch.manual_seed(seed)
     model = resnet32(NUM_CLASSES)
-    counts = [max(1, int(500 * 100.0 ** (-c / (NUM_CLASSES - 1)))) for c in range(NUM_CLASSES)]
-    probs = torch.tensor(counts, dtype=torch.float64)
-    labels = torch.multinomial(probs / probs.sum(), BATCH, replacement=True)
+    labels, counts = long_tail_labels(BATCH, NUM_CLASSES)
     images = torch.randn(BATCH, 3, 32, 32)
     crit = rdr_fast.RDRLoss(counts, model.feat_dim, reweight="rdr" if rdr else "none", validate=False)
     return model, crit, images, labels, counts

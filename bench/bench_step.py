@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import rdr_fast
 from rdr_fast.models import resnet32
+from conftest import long_tail_labels
 
 BATCH, NUM_CLASSES, ROUNDS = 128, 100, 10
 GROUP = f"step/resnet32/cpu/float32/B{BATCH}-C{NUM_CLASSES}"
@@ -29,9 +30,7 @@ def make_step(loss_name):
     torch.manual_seed(0)
     model = resnet32(NUM_CLASSES)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
-    counts = [max(1, int(500 * 100.0 ** (-c / (NUM_CLASSES - 1)))) for c in range(NUM_CLASSES)]
-    probs = torch.tensor(counts, dtype=torch.float64)
-    labels = torch.multinomial(probs / probs.sum(), BATCH, replacement=True)
+    labels, counts = long_tail_labels(BATCH, NUM_CLASSES)
     images = torch.randn(BATCH, 3, 32, 32)
     crit = rdr_fast.RDRLoss(counts, model.feat_dim, validate=False)
 
@@ -75,9 +74,7 @@ def test_resnet32_step_pair(benchmark):
 
 def make_criterion_step(loss_name):
     """Only what differs between the two steps: the loss on given features and logits."""
-    counts = [max(1, int(500 * 100.0 ** (-c / (NUM_CLASSES - 1)))) for c in range(NUM_CLASSES)]
-    probs = torch.tensor(counts, dtype=torch.float64)
-    labels = torch.multinomial(probs / probs.sum(), BATCH, replacement=True)
+    labels, counts = long_tail_labels(BATCH, NUM_CLASSES)
     features = torch.randn(BATCH, 64).relu().requires_grad_(True)
     logits = torch.randn(BATCH, NUM_CLASSES, requires_grad=True)
     crit = rdr_fast.RDRLoss(counts, 64, validate=False)

@@ -233,10 +233,9 @@ def bench_steps(rows, device, batch, reps, deadline, warmup=3):
     from rdr_fast.models import resnet32
 
     num_classes = 100
-    counts = [max(1, int(500 * 100.0 ** (-c / (num_classes - 1)))) for c in range(num_classes)]
     g = torch.Generator().manual_seed(0)
-    probs = torch.tensor(counts, dtype=torch.float64)
-    labels = torch.multinomial(probs / probs.sum(), batch, replacement=True, generator=g).to(device)
+    labels, counts = long_tail_labels(batch, num_classes, g)
+    labels = labels.to(device)
     images = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     combos = [("CE", "ce", "none"), ("RDR", "rdr", "none"), ("SAM", "ce", "sam"), ("RDR+SAM", "rdr", "sam"),
               ("RDR+sam_k5", "rdr", "sam_k")]
@@ -304,11 +303,15 @@ def print_table(result) -> None:
     meta = result["meta"]
     print(f"\n== rdr_fast GPU suite: {meta.get('device')} | {meta.get('date')} | torch {meta.get('torch')} | "
           f"triton {meta.get('triton')} | dry_run={meta.get('dry_run')}")
-    for step in ([result["install"]] if result.get("install") else []) + result.get("tests", []) + \
-            [result.get("bench_run") or {}]:
-        if step and (step["rc"] != 0 or step in result.get("tests", [])):
-            summary = step["tail"].strip().splitlines()[-1] if step["tail"].strip() else ""
-            print(f"rc={step['rc']} {step['seconds']}s: {step['cmd'][-70:]} -> {summary}")
+    def print_run(run):
+        summary = run["tail"].strip().splitlines()[-1] if run["tail"].strip() else ""
+        print(f"rc={run['rc']} {run['seconds']}s: {run['cmd'][-70:]} -> {summary}")
+
+    for run in result.get("tests", []):
+        print_run(run)
+    for run in (result.get("install"), result.get("bench_run")):  # these only when they failed
+        if run and run["rc"] != 0:
+            print_run(run)
     print(f"{'section':8s} {'shape':22s} {'impl':24s} {'mode':6s} {'prec':14s} {'ms':>10s} {'x ref':>8s}")
     for row in result.get("rows", []):
         ms = f"{row['ms']:10.4f}" if "ms" in row else f"{'-':>10s}"
