@@ -109,14 +109,22 @@ def record(rows, section, shape, impl, mode, fn, **extra):
 
 
 # ------------------------------------------------------------------------ bench sections
+def long_tail_labels(batch, num_classes, generator):
+    """(labels, counts): the exponential LT profile n_c = 500·100^(−c/(C−1)) and labels
+    drawn ∝ it (bench/conftest.py's, restated: this script runs on its own, not in pytest)."""
+    import torch
+
+    counts = [max(1, int(500 * 100.0 ** (-c / max(1, num_classes - 1)))) for c in range(num_classes)]
+    probs = torch.tensor(counts, dtype=torch.float64)
+    return torch.multinomial(probs / probs.sum(), batch, replacement=True, generator=generator), counts
+
+
 def long_tail_batch(batch, num_classes, dim, device, seed=0):
     """Features (ReLU), long-tailed labels, prototypes (all classes seen) and counts."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    counts = [max(1, int(500 * 100.0 ** (-c / max(1, num_classes - 1)))) for c in range(num_classes)]
-    probs = torch.tensor(counts, dtype=torch.float64)
-    labels = torch.multinomial(probs / probs.sum(), batch, replacement=True, generator=g)
+    labels, counts = long_tail_labels(batch, num_classes, g)
     features = torch.randn(batch, dim, generator=g).relu()
     protos = torch.randn(num_classes, dim, generator=g).relu()
     seen = torch.ones(num_classes, dtype=torch.bool)

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 import rdr_fast
 from rdr_fast import distributed, reference
+from rdr_fast.data._loaders import _shard_range
 
 WORLD = 2
 COUNTS = [40, 20, 10, 5, 2]
@@ -27,8 +28,8 @@ def global_batch(step):
 
 
 def shard(total, rank):
-    """Rank's contiguous slice of a global batch, as rdr_fast.data's sharding cuts it."""
-    return total * rank // WORLD, total * (rank + 1) // WORLD
+    """Rank's contiguous slice of a global batch, cut by rdr_fast.data's own sharding."""
+    return _shard_range(total, rank, WORLD)
 
 
 def _init(rank, init_file):
