@@ -111,14 +111,17 @@ def weighted_loss(logits, labels, weights, *, base: str = "ce", class_counts=Non
             raise ValueError(f"class_counts has {len(adjust)} classes but logits have {logits.shape[1]}")
         adjust = adjust.to(logits.device)
     gamma = float(focal_gamma) if base == "focal" else 0.0
-    return _weighted_loss_op(logits, labels, weights, adjust, gamma)
+    return loss_from_weights(logits, labels, weights, logit_adjust=adjust, focal_gamma=gamma)
 
 
-def _weighted_loss_op(logits, labels, weights, adjust, focal_gamma: float) -> torch.Tensor:
-    """Call the fused op; the gradient is only computed when autograd will need it."""
+def loss_from_weights(logits, labels, weights, *, logit_adjust=None, focal_gamma: float = 0.0) -> torch.Tensor:
+    """L = (1/B) Σ_j w_j ℓ_j with the given weights, through the fused op and without
+    input checks: the caller (RDRLoss, SAM's second pass, ``weighted_loss``) has checked
+    them. ``logit_adjust`` [C] is added to the logits (LA); ``focal_gamma`` 0 is CE.
+    The gradient is only computed when autograd will need it."""
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = torch.ops.rdr_fast.weighted_loss(logits, labels, weights.detach(), adjust, focal_gamma,
-                                               compute_grad)
+    loss, _ = torch.ops.rdr_fast.weighted_loss(logits, labels, weights.detach(), logit_adjust,
+                                               float(focal_gamma), compute_grad)
     return loss
 
 

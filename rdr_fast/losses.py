@@ -92,8 +92,15 @@ class RDRLoss(nn.Module):
         if self.training:
             self.step.add_(1)
         self.last_weights = weights.detach()
+        return self.loss_from_weights(logits, targets, weights)
+
+    def loss_from_weights(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This criterion's base loss (ce / focal / la) weighted by the given ``weights``:
+        no density ratios, no state change. SAM's second pass uses it to reuse the first
+        pass's weights at the perturbed point."""
         gamma = self.focal_gamma if self.base == "focal" else 0.0
-        return functional._weighted_loss_op(logits, targets, weights, self.logit_adjust, gamma)
+        return functional.loss_from_weights(logits, targets, weights, logit_adjust=self.logit_adjust,
+                                            focal_gamma=gamma)
 
     def _update_from_global_batch(self, features, targets) -> None:
         """The prototype update of the global batch: one all-reduce of [C, K+1]."""

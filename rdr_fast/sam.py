@@ -54,7 +54,6 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import functional
 from .distributed import average_
 from .losses import RDRLoss
 
@@ -133,8 +132,7 @@ def reused_loss(criterion, features, logits, targets, weights) -> torch.Tensor:
     no density ratios and no prototype update. ``weights`` None: ``criterion(...)``."""
     if weights is None:
         return criterion(features, logits, targets)
-    gamma = criterion.focal_gamma if criterion.base == "focal" else 0.0
-    return functional._weighted_loss_op(logits, targets, weights, criterion.logit_adjust, gamma)
+    return criterion.loss_from_weights(logits, targets, weights)
 
 
 def _autocast_forward(forward, amp: bool):

@@ -264,12 +264,12 @@ def test_rdr_sam_reuses_first_pass_weights_and_updates_prototypes_once(monkeypat
     model, crit, x, y = setup("rdr")
     before_model, before_crit = copy.deepcopy(model), copy.deepcopy(crit)
     seen_weights = []
-    real_op = functional._weighted_loss_op
+    real_op = functional.loss_from_weights
 
-    def spy(logits, labels, weights, adjust, gamma):
+    def spy(logits, labels, weights, **kwargs):
         seen_weights.append(weights.clone())
-        return real_op(logits, labels, weights, adjust, gamma)
-    monkeypatch.setattr(functional, "_weighted_loss_op", spy)
+        return real_op(logits, labels, weights, **kwargs)
+    monkeypatch.setattr(functional, "loss_from_weights", spy)
     opt = make("sam", model)
     step0 = int(crit.step)
     sam.train_step(opt, model, crit, x, y)
