@@ -1,6 +1,7 @@
 """Backbones for rdr_fast: ResNet-32 (CIFAR-LT), ResNet-50 (ImageNet-LT), ResNet-152
 (Places-LT), as in the RDR paper, and a small CNN for the built-in small datasets.
-Every model's forward returns (features, logits) and every model has an int attribute feat_dim (K, the feature size RDR works in).
+Every model's forward returns (features, logits) and every model has an int attribute
+feat_dim (K, the feature size RDR works in).
 
     model = build_model(default_model("cifar10_lt"), num_classes=10)
     feats, logits = model(x)        # [N, 64], [N, 10]
