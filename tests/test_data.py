@@ -13,8 +13,8 @@ import torch
 from rdr_fast.data import (DATASETS, DataNotFoundError, SeededShuffleSampler,
                            add_symmetric_noise, class_splits, load_dataset, long_tail_counts,
                            make_loaders)
-from rdr_fast.data._cifar import CIFAR_NORM
-from rdr_fast.data._small import FMNIST_DEBIAN_DIR, FMNIST_FILES, read_idx
+from rdr_fast.data.cifar import CIFAR_NORM
+from rdr_fast.data.small import FMNIST_DEBIAN_DIR, FMNIST_FILES, read_idx
 
 # ----------------------------------------------------------------------------- fixtures
 

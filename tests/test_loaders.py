@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from rdr_fast import train as train_cli
-from rdr_fast.data import (LOADERS, LTDataset, TensorImageDataset, load_dataset, make_loaders,
-                           resolve_loader, set_epoch)
-from rdr_fast.data import _loaders
-from rdr_fast.data._common import class_splits
+from rdr_fast.data import (LOADERS, LTDataset, TensorImageDataset, class_splits, load_dataset,
+                           make_loaders, resolve_loader, sampling, set_epoch)
 
 try:
     import nvidia.dali  # noqa: F401
@@ -164,12 +162,12 @@ def test_gpu_loader_augmentation_is_the_torch_paths(ds, monkeypatch):
 
 
 def test_plan_draws_uniform_offsets_and_fair_flips():
-    plan = _loaders.train_plan(4000, 128, seed=0, epoch=0, pad=4, flip=True)
+    plan = sampling.train_plan(4000, 128, seed=0, epoch=0, pad=4, flip=True)
     for offsets in (plan.top, plan.left):
         counts = torch.bincount(offsets, minlength=9)
         assert len(counts) == 9 and counts.min() > 300           # 0..8 all likely (~444 each)
     assert 0.45 < plan.flip.float().mean() < 0.55
-    still = _loaders.train_plan(100, 10, seed=0, epoch=0, pad=0, flip=False)
+    still = sampling.train_plan(100, 10, seed=0, epoch=0, pad=0, flip=False)
     assert not still.flip.any() and not still.top.any() and not still.left.any()
 
 
@@ -239,7 +237,7 @@ def test_missing_dali_gives_the_install_command(monkeypatch, tmp_path):
     for mod in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)              # import now fails
-    from rdr_fast.data._dali import DALINotInstalledError, dali_available
+    from rdr_fast.data.dali_loader import DALINotInstalledError, dali_available
     assert not dali_available()
     ds = tensor_ds(n_train=20, n_test=5)
     with pytest.raises(DALINotInstalledError, match=r'pip install "rdr_fast\[dali\]"') as info:

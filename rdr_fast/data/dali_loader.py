@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._loaders import EpochLoader
+from .sampling import EpochLoader
 
 INSTALL_HINT = ('pip install "rdr_fast[dali]" (the nvidia-dali-cuda130 wheel; '
                 'nvidia-dali-cuda120 for CUDA 12 drivers)')
@@ -183,7 +183,7 @@ class DALIFileLoader(_DALILoader):
         self.targets = dataset.targets.numpy().astype(np.int64)
         self.image_size = int(image_size)
         self.resize_shorter = round(self.image_size * 256 / 224)
-        from ._oltr import IMAGENET_NORM
+        from .oltr import IMAGENET_NORM
         self.mean = [m * 255 for m in IMAGENET_NORM[0]]
         self.std = [s * 255 for s in IMAGENET_NORM[1]]
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from ._common import DataNotFoundError, LTDataset, class_splits, fix_hint, noisy_counts
+from .common import DataNotFoundError, LTDataset, class_splits, fix_hint, noisy_counts
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # also used for Places-LT
 LIST_PREFIX = {"imagenet_lt": "ImageNet_LT", "places_lt": "Places_LT"}

@@ -1,0 +1,97 @@
+"""make_loaders: picks a loader back-end for a dataset and device, and builds it."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import dali_loader
+from .common import LTDataset, TensorImageDataset
+from .gpu_loader import GPUResidentLoader
+from .oltr import ListImageDataset
+from .torch_loader import torch_loaders
+
+LOADERS = ("auto", "torch", "dali", "gpu")
+
+
+def is_in_memory(dataset) -> bool:
+    return isinstance(dataset, TensorImageDataset)
+
+
+def is_file_list(dataset) -> bool:
+    return isinstance(dataset, ListImageDataset)
+
+
+def resolve_loader(ds, loader: str = "auto", device=None) -> str:
+    """The back-end `auto` means for this dataset and device: gpu-resident for
+    in-memory tensor datasets on a CUDA device, DALI for JPEG list datasets when
+    DALI is installed, torch otherwise. Explicit choices are validated."""
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if loader == "auto":
+        if is_in_memory(ds.train) and cuda:
+            return "gpu"
+        if is_file_list(ds.train):
+            if dali_loader.dali_available():
+                return "dali"
+        return "torch"
+    if loader == "gpu" and not is_in_memory(ds.train):
+        raise ValueError(f"loader 'gpu' needs an in-memory tensor dataset (digits_lt, fmnist_lt, "
+                         f"cifar*_lt); {ds.name} reads image files: use 'dali' or 'torch'")
+    if loader == "dali" and not (is_in_memory(ds.train) or is_file_list(ds.train)):
+        raise ValueError(f"loader 'dali' does not support {type(ds.train).__name__}")
+    return loader
+
+
+def default_threads(num_workers: int) -> int:
+    """DALI CPU threads: num_workers when given, else up to 4 of this machine's cores."""
+    return num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: int = 0,
+                 loader: str = "auto", device=None, shard_id: int = 0, num_shards: int = 1):
+    """(train_loader, test_loader) for `ds`: iterables of (x float32 [B, C, H, W] on
+    `device`, y int64 [B]) with len() and set_epoch(e); epoch e's order is a pure
+    function of (seed, e) and each pass advances the epoch by one.
+
+    loader: "torch" (DataLoader, num_workers processes), "gpu" (whole uint8 set on
+      `device`, batched torch augmentation; in-memory datasets; CPU works too), "dali"
+      (NVIDIA DALI, optional extra: pip install "rdr_fast[dali]"; CPU pipelines with
+      num_workers threads, default up to 4, GPU/mixed decoding on a CUDA device), or
+      "auto": gpu for in-memory datasets on a CUDA device, dali for JPEG list datasets
+      when DALI is installed, torch otherwise (see resolve_loader).
+    device: where batches land (None: CPU; the torch loader pins and copies).
+    shard_id / num_shards: this process's share for multi-process training; batch_size
+      is then the global batch (see rdr_fast.data.sampling for the convention).
+    All loaders share the augmentation of the torch path (zero-padded random crop,
+    flip p=0.5 for the in-memory sets, random-resized crop + flip + colour jitter for
+    the JPEG sets; the dataset's mean/std; deterministic test transforms) and the epoch
+    order; train batches are not dropped (the last one is partial). The torch loader
+    draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
+    workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).
+    """
+    kind = resolve_loader(ds, loader, device)
+    common = dict(seed=seed, shard_id=shard_id, num_shards=num_shards)
+    if kind == "torch":
+        return torch_loaders(ds, batch_size, num_workers=num_workers, device=device, **common)
+    if kind == "gpu":
+        dev = device if device is not None else "cpu"
+        return (GPUResidentLoader(ds.train, batch_size, train=True, device=dev, **common),
+                GPUResidentLoader(ds.test, batch_size, train=False, device=dev, **common))
+    threads = default_threads(num_workers)
+    if is_in_memory(ds.train):
+        cls, extra = dali_loader.DALIArrayLoader, {}
+    else:
+        cls, extra = dali_loader.DALIFileLoader, {"image_size": ds.image_size}
+    return (cls(ds.train, batch_size, train=True, device=device, num_threads=threads, **extra, **common),
+            cls(ds.test, batch_size, train=False, device=device, num_threads=threads, **extra, **common))
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Set the next pass's epoch on any loader (its own set_epoch, else its batch
+    sampler's or sampler's): what train.py calls before each epoch."""
+    for obj in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
