@@ -6,41 +6,41 @@ import os
 import torch
 
 from . import dali_loader
-from .common import LTDataset, TensorImageDataset
+from .common import LTDataset
 from .gpu_loader import GPUResidentLoader
-from .oltr import ListImageDataset
 from .torch_loader import torch_loaders
 
 LOADERS = ("auto", "torch", "dali", "gpu")
 
 
-def is_in_memory(dataset) -> bool:
-    return isinstance(dataset, TensorImageDataset)
-
-
-def is_file_list(dataset) -> bool:
-    return isinstance(dataset, ListImageDataset)
+def image_kind(dataset) -> str | None:
+    """The dataset's ImageSpec kind ("tensor" or "files"); None for a dataset without a
+    spec (any torch Dataset of normalised items), which only the torch loader takes."""
+    spec = getattr(dataset, "spec", None)
+    return None if spec is None else spec.kind
 
 
 def resolve_loader(ds, loader: str = "auto", device=None) -> str:
     """The back-end `auto` means for this dataset and device: gpu-resident for
-    in-memory tensor datasets on a CUDA device, DALI for JPEG list datasets when
-    DALI is installed, torch otherwise. Explicit choices are validated."""
+    in-memory tensor images on a CUDA device, DALI for image files when DALI is
+    installed, torch otherwise. Explicit choices are validated."""
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
+    kind = image_kind(ds.train)
     cuda = device is not None and torch.device(device).type == "cuda"
     if loader == "auto":
-        if is_in_memory(ds.train) and cuda:
+        if kind == "tensor" and cuda:
             return "gpu"
-        if is_file_list(ds.train):
-            if dali_loader.dali_available():
-                return "dali"
+        if kind == "files" and dali_loader.dali_available():
+            return "dali"
         return "torch"
-    if loader == "gpu" and not is_in_memory(ds.train):
-        raise ValueError(f"loader 'gpu' needs an in-memory tensor dataset (digits_lt, fmnist_lt, "
-                         f"cifar*_lt); {ds.name} reads image files: use 'dali' or 'torch'")
-    if loader == "dali" and not (is_in_memory(ds.train) or is_file_list(ds.train)):
-        raise ValueError(f"loader 'dali' does not support {type(ds.train).__name__}")
+    if loader == "gpu" and kind != "tensor":
+        raise ValueError(f"loader 'gpu' needs in-memory tensor images (digits_lt, fmnist_lt, "
+                         f"cifar*_lt); {ds.name}'s train images are of kind {kind!r}: "
+                         "use 'dali' or 'torch'")
+    if loader == "dali" and kind is None:
+        raise ValueError(f"loader 'dali' needs an ImageSpec on the dataset (ds.train.spec); "
+                         f"{ds.name} has none: use 'torch'")
     return loader
 
 
@@ -64,10 +64,10 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
     device: where batches land (None: CPU; the torch loader pins and copies).
     shard_id / num_shards: this process's share for multi-process training; batch_size
       is then the global batch (see rdr_fast.data.sampling for the convention).
-    All loaders share the augmentation of the torch path (zero-padded random crop,
-    flip p=0.5 for the in-memory sets, random-resized crop + flip + colour jitter for
-    the JPEG sets; the dataset's mean/std; deterministic test transforms) and the epoch
-    order; train batches are not dropped (the last one is partial). The torch loader
+    Every loader takes its transforms from the splits' ImageSpec (ds.train.spec,
+    ds.test.spec: zero-padded random crop + flip p=0.5 for the in-memory sets,
+    random-resized crop + flip + colour jitter for the JPEG sets; the spec's mean/std;
+    deterministic test transforms) and shares the epoch order; train batches are not dropped (the last one is partial). The torch loader
     draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
     workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).
     """
@@ -79,13 +79,11 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
         dev = device if device is not None else "cpu"
         return (GPUResidentLoader(ds.train, batch_size, train=True, device=dev, **common),
                 GPUResidentLoader(ds.test, batch_size, train=False, device=dev, **common))
-    threads = default_threads(num_workers)
-    if is_in_memory(ds.train):
-        cls, extra = dali_loader.DALIArrayLoader, {}
-    else:
-        cls, extra = dali_loader.DALIFileLoader, {"image_size": ds.image_size}
-    return (cls(ds.train, batch_size, train=True, device=device, num_threads=threads, **extra, **common),
-            cls(ds.test, batch_size, train=False, device=device, num_threads=threads, **extra, **common))
+    cls = (dali_loader.DALIArrayLoader if image_kind(ds.train) == "tensor"
+           else dali_loader.DALIFileLoader)
+    common.update(device=device, num_threads=default_threads(num_workers))
+    return (cls(ds.train, batch_size, train=True, **common),
+            cls(ds.test, batch_size, train=False, **common))
 
 
 def set_epoch(loader, epoch: int) -> None:

@@ -10,25 +10,26 @@ from .sampling import EpochLoader
 class GPUResidentLoader(EpochLoader):
     """The whole uint8 set on `device` (CUDA or CPU), augmented in batches with torch ops.
 
-    Train: zero padding by `pad` (done once), per-image integer crop offsets in
-    0..2*pad and horizontal flips as one gather per batch, then float and normalise
-    ((x / scale - mean) / std, the dataset's own constants) — torchvision's
+    dataset: images uint8 [N, C, H, W], targets int64 [N] and an ImageSpec of kind
+    "tensor" (`dataset.spec`), which sets the augmentation and the normalisation.
+    Train, augment "crop_flip": zero padding by spec.pad (done once), per-image integer
+    crop offsets in 0..2*pad and horizontal flips (if spec.flip) as one gather per
+    batch, then float and normalise ((x / scale - mean) / std) — torchvision's
     RandomCrop(H, padding=pad) + RandomHorizontalFlip() + Normalize. Test: normalise
     only. No per-sample Python; one small plan transfer per epoch.
     """
 
     def __init__(self, dataset, batch_size, *, seed=0, train=True, device="cpu",
                  shard_id=0, num_shards=1):
-        super().__init__(len(dataset), batch_size, seed=seed, train=train,
-                         pad=getattr(dataset, "pad", 0), flip=getattr(dataset, "flip", False),
-                         shard_id=shard_id, num_shards=num_shards)
+        spec = dataset.spec
+        super().__init__(len(dataset), batch_size, seed=seed, train=train, pad=spec.pad,
+                         flip=spec.flip, shard_id=shard_id, num_shards=num_shards)
         self.device = torch.device(device)
         images = dataset.images.to(self.device)
         self.channels, self.height, self.width = images.shape[1:]
         self.images = F.pad(images, (self.pad,) * 4) if self.pad else images
         self.targets = dataset.targets.to(self.device)
-        self.a = dataset._a.to(self.device)          # 1 / (scale * std), [C, 1, 1]
-        self.b = dataset._b.to(self.device)          # -mean / std
+        self.a, self.b = (t.to(self.device) for t in spec.affine())   # x * a + b normalises
         h, w, p = self.height, self.width, self.pad
         self._rows = torch.arange(h, device=self.device)
         self._cols = torch.arange(w, device=self.device)
@@ -44,7 +45,7 @@ class GPUResidentLoader(EpochLoader):
             b, c, self.height, self.width)
 
     def __iter__(self):
-        plan = self._next_plan()
+        plan = self.next_plan()
         dev = self.device
         idx = plan.idx.to(dev, non_blocking=True)
         augment = self.train and (self.pad or self.flip)

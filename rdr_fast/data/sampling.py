@@ -24,6 +24,13 @@ import numpy as np
 import torch
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of epoch `epoch`: its sample order, then (gpu and DALI loaders) its
+    crop offsets and flips."""
+    # Large odd multiplier: distinct (seed, epoch) pairs map to distinct generator seeds.
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+
+
 class SeededShuffleSampler(torch.utils.data.Sampler):
     """Shuffles 0..n-1 with a torch.Generator seeded by (seed, epoch).
 
@@ -42,19 +49,14 @@ class SeededShuffleSampler(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        # Large odd multiplier: distinct (seed, epoch) pairs map to distinct generator seeds.
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         self.epoch += 1
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """SeededShuffleSampler's generator for (seed, epoch)."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-
-
 def shard_range(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """[lo, hi): shard `shard_id`'s contiguous share of `total` items (sizes differ by at most 1)."""
+    """[lo, hi): shard `shard_id`'s contiguous share of `total` items; the shares'
+    sizes differ by at most one."""
     return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
 
 
@@ -117,7 +119,8 @@ def test_plan(n, batch_size, *, shard_id=0, num_shards=1) -> Plan:
 
 
 class EpochLoader:
-    """Base: epoch bookkeeping shared by the gpu and DALI loaders."""
+    """Base: epoch bookkeeping shared by the gpu and DALI loaders and the torch loader's
+    sharded batch sampler. Train passes follow train_plan, test passes test_plan."""
 
     def __init__(self, n, batch_size, *, seed=0, train=True, pad=0, flip=False,
                  shard_id=0, num_shards=1):
@@ -138,7 +141,8 @@ class EpochLoader:
                           self.epoch if epoch is None else epoch, pad=self.pad, flip=self.flip,
                           shard_id=self.shard_id, num_shards=self.num_shards)
 
-    def _next_plan(self) -> Plan:
+    def next_plan(self) -> Plan:
+        """The plan of the pass that starts now; a train loader then moves to the next epoch."""
         plan = self.plan()
         if self.train:
             self.epoch += 1

@@ -42,7 +42,7 @@ class ShardBatchSampler(torch.utils.data.Sampler):
         return len(self.src)
 
     def __iter__(self):
-        plan = self.src._next_plan()
+        plan = self.src.next_plan()
         for lo, hi in plan.steps:
             yield plan.idx[lo:hi].tolist()
 
