@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from rdr_fast import train as train_cli
-from rdr_fast.data import (LOADERS, LTDataset, TensorImageDataset, class_splits, load_dataset,
-                           make_loaders, resolve_loader, sampling, set_epoch)
+from rdr_fast.data import (LOADERS, ImageSpec, LTDataset, TensorImageDataset, class_splits,
+                           load_dataset, make_loaders, resolve_loader, sampling, set_epoch)
 
 try:
     import nvidia.dali  # noqa: F401
@@ -192,6 +192,55 @@ def test_dali_loader_recovers_from_an_abandoned_pass():
     ref, _ = make_loaders(ds, 16, seed=0, loader="gpu")
     ref.set_epoch(1)
     assert torch.equal(y1, one_pass(ref)[1])
+
+
+class SpecOnly(torch.utils.data.Dataset):
+    """Not a TensorImageDataset: just what the loaders read (images, targets, spec)."""
+
+    def __init__(self, images, targets, spec):
+        self.images, self.targets, self.spec = images, targets, spec
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def spec_only(ds, **changes):
+    """ds with both splits as SpecOnly, their specs changed by `changes`."""
+    from dataclasses import replace
+    split = lambda d: SpecOnly(d.images, d.targets, replace(d.spec, **changes))  # noqa: E731
+    return LTDataset(name="spec_only", train=split(ds.train), test=split(ds.test),
+                     class_counts=ds.class_counts, splits=ds.splits, in_channels=ds.in_channels,
+                     image_size=ds.image_size, label_map=ds.label_map)
+
+
+@pytest.mark.parametrize("kind", ["gpu", pytest.param("dali", marks=needs_dali)])
+def test_loaders_follow_the_spec_not_the_dataset_class(kind):
+    ds = tensor_ds(n_train=60, n_test=10, pad=2)
+    same, _ = make_loaders(spec_only(ds), 16, seed=1, loader=kind)
+    ref, _ = make_loaders(ds, 16, seed=1, loader=kind)
+    assert torch.equal(one_pass(same)[0], one_pass(ref)[0])
+    # a spec without augmentation: every train item is just its normalised image
+    still, _ = make_loaders(spec_only(ds, augment="none", pad=0, flip=False), 16, seed=1,
+                            loader=kind)
+    x, y, _ = one_pass(still)
+    mean = torch.tensor(ds.train.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.train.std).view(1, -1, 1, 1)
+    expect = (ds.train.images[y].float() / 255 - mean) / std          # targets are sample ids
+    torch.testing.assert_close(x, expect, atol=1e-5, rtol=0)
+    assert resolve_loader(spec_only(ds), "auto", "cuda") == "gpu"
+
+
+def test_datasets_without_a_spec_take_the_torch_loader():
+    ds = tensor_ds(n_train=20, n_test=5)
+    plain = torch.utils.data.TensorDataset(torch.zeros(20, 3, 4, 4), torch.arange(20))
+    bare = LTDataset(name="bare", train=plain, test=plain, class_counts=[2] * 10,
+                     splits=ds.splits, in_channels=3, image_size=4, label_map=ds.label_map)
+    assert resolve_loader(bare, "auto", "cuda") == "torch"
+    for kind in ("gpu", "dali"):
+        with pytest.raises(ValueError, match=f"loader '{kind}' needs"):
+            make_loaders(bare, 4, loader=kind)
+    train, _ = make_loaders(bare, 8, seed=0)
+    assert torch.equal(torch.sort(one_pass(train)[1]).values, torch.arange(20))
 
 
 # ----------------------------------------------------------------------------- sharding
