@@ -439,6 +439,29 @@ def test_unknown_dataset():
                         "places_lt")
 
 
+def test_data_modules_import_each_other_without_cycles():
+    """Relative imports inside rdr_fast.data (also those inside functions) form no cycle."""
+    import ast
+    import pathlib
+
+    import rdr_fast.data
+    folder = pathlib.Path(rdr_fast.data.__file__).parent
+    deps = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {a.name for a in node.names}
+        deps[path.stem] = names & {p.stem for p in folder.glob("*.py")}
+    assert deps["factory"] >= {"gpu_loader", "torch_loader", "dali_loader"}   # the scan works
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d)))
+                   for d in deps[start])
+
+    assert [m for m in deps if reaches(m, m)] == []
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
