@@ -263,8 +263,11 @@ def test_shards_split_each_global_batch(kind):
 
 def test_sharding_arguments_are_checked():
     ds = tensor_ds(n_train=20, n_test=5)
-    with pytest.raises(ValueError, match="shard_id"):
-        make_loaders(ds, 8, loader="gpu", shard_id=2, num_shards=2)
+    for kind in ("torch", "gpu"):
+        with pytest.raises(ValueError, match="shard_id"):
+            make_loaders(ds, 8, loader=kind, shard_id=2, num_shards=2)
+        with pytest.raises(ValueError, match="shard_id"):
+            make_loaders(ds, 8, loader=kind, shard_id=1, num_shards=1)
 
 
 # ----------------------------------------------------------------------------- choice of loader

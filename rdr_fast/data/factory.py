@@ -8,6 +8,7 @@ import torch
 from . import dali_loader
 from .common import LTDataset
 from .gpu_loader import GPUResidentLoader
+from .sampling import check_shard
 from .torch_loader import torch_loaders
 
 LOADERS = ("auto", "torch", "dali", "gpu")
@@ -71,6 +72,7 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
     draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
     workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).
     """
+    check_shard(shard_id, num_shards)
     kind = resolve_loader(ds, loader, device)
     common = dict(seed=seed, shard_id=shard_id, num_shards=num_shards)
     if kind == "torch":

@@ -61,6 +61,7 @@ def shard_range(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
 
 
 def check_shard(shard_id: int, num_shards: int) -> None:
+    """ValueError naming both arguments unless 0 <= shard_id < num_shards."""
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, "
                          f"num_shards={num_shards}")
@@ -91,6 +92,9 @@ def train_steps(n: int, batch_size: int, shard_id: int = 0, num_shards: int = 1)
 
 
 def train_plan(n, batch_size, seed, epoch, *, pad=0, flip=False, shard_id=0, num_shards=1) -> Plan:
+    """Epoch `epoch` of this shard: the epoch generator's permutation, then per position
+    its crop offsets in 0..2*pad and its flip, drawn in that order for all n positions
+    (so every shard and device sees the same draws)."""
     g = epoch_generator(seed, epoch)
     perm = torch.randperm(n, generator=g)            # == SeededShuffleSampler's order
     offsets = (torch.randint(0, 2 * pad + 1, (n, 2), generator=g) if pad

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import EpochLoader, SeededShuffleSampler, check_shard
+from .sampling import EpochLoader, SeededShuffleSampler
 
 
 class TorchLoader(torch.utils.data.DataLoader):
@@ -48,6 +48,8 @@ class ShardBatchSampler(torch.utils.data.Sampler):
 
 
 def torch_loaders(ds, batch_size, *, seed, num_workers, device, shard_id, num_shards):
+    """(train, test) TorchLoaders; one shard (the usual case) keeps DataLoader's own
+    batching over a SeededShuffleSampler, several shards batch by the sampling plans."""
     common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=num_workers > 0, device=device)
     gen = torch.Generator().manual_seed(seed)
@@ -57,7 +59,6 @@ def torch_loaders(ds, batch_size, *, seed, num_workers, device, shard_id, num_sh
                             generator=gen, **common)
         test = TorchLoader(ds.test, batch_size=batch_size, shuffle=False, **common)
         return train, test
-    check_shard(shard_id, num_shards)
     tr = EpochLoader(len(ds.train), batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards)
     te = EpochLoader(len(ds.test), batch_size, train=False, shard_id=shard_id, num_shards=num_shards)
     train = TorchLoader(ds.train, batch_sampler=ShardBatchSampler(tr), generator=gen, **common)
