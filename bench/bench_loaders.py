@@ -93,7 +93,7 @@ KINDS = ["torchvision", "torch", "gpu", "dali"]
 def available(kind: str) -> bool:
     if kind != "dali":
         return True
-    from rdr_fast.data._dali import dali_available
+    from rdr_fast.data.dali_loader import dali_available
     return dali_available()
 
 

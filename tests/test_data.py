@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from rdr_fast.data import (DATASETS, DataNotFoundError, SeededShuffleSampler,
+from rdr_fast.data import (DATASETS, DataNotFoundError, ImageSpec, SeededShuffleSampler,
                            add_symmetric_noise, class_splits, load_dataset, long_tail_counts,
                            make_loaders)
-from rdr_fast.data._cifar import CIFAR_NORM
-from rdr_fast.data._small import FMNIST_DEBIAN_DIR, FMNIST_FILES, read_idx
+from rdr_fast.data.cifar import CIFAR_NORM
+from rdr_fast.data.oltr import IMAGENET_NORM
+from rdr_fast.data.small import FMNIST_DEBIAN_DIR, FMNIST_FILES, read_idx
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -386,11 +387,79 @@ def test_oltr_errors(oltr_root, tmp_path):
     _assert_clear(err, str(lst), "line 11")
 
 
+# ------------------------------------------------------------------------- image specs
+
+
+def test_builders_describe_their_images(cifar_root, fmnist_root, oltr_root):
+    root, _, _ = cifar_root
+    cifar = load_dataset("cifar10_lt", data_root=str(root), imb_factor=10)
+    assert cifar.train.spec == ImageSpec("tensor", (32, 32), 3, *CIFAR_NORM, augment="crop_flip",
+                                         pad=4, flip=True)
+    assert cifar.test.spec == ImageSpec("tensor", (32, 32), 3, *CIFAR_NORM)
+    plain = load_dataset("cifar10_lt", data_root=str(root), imb_factor=10, train_transform=False)
+    assert plain.train.spec == plain.test.spec
+    fmnist = load_dataset("fmnist_lt", data_root=str(fmnist_root), imb_factor=10)
+    assert (fmnist.train.spec.size, fmnist.train.spec.channels) == ((28, 28), 1)
+    assert (fmnist.train.spec.augment, fmnist.train.spec.pad, fmnist.train.spec.flip) == (
+        "crop_flip", 2, True)
+    digits = load_dataset("digits_lt", imb_factor=10).train.spec
+    assert (digits.size, digits.scale, digits.augment) == ((8, 8), 16.0, "none")
+    lists, img = oltr_root
+    oltr = load_dataset("imagenet_lt", data_root=str(lists), image_root=str(img), image_size=32)
+    assert oltr.train.spec == ImageSpec("files", (32, 32), 3, *IMAGENET_NORM,
+                                        augment="resized_crop_flip_jitter")
+    assert oltr.test.spec.augment == "none" and oltr.test.spec.resize_shorter == 37   # 32*256/224
+    assert load_dataset("places_lt", data_root=str(lists), image_root=str(img),
+                        train_transform=False).train.spec.augment == "none"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(kind="jpeg"), "kind must be one of"),
+    (dict(augment="autoaugment"), "augment must be one of"),
+    (dict(augment="resized_crop_flip_jitter"), "needs kind 'files'"),
+    (dict(kind="files", augment="crop_flip", pad=4), "needs kind 'tensor'"),
+    (dict(pad=4), "pad and flip belong to augment 'crop_flip'"),
+    (dict(augment="crop_flip", pad=-1), "pad must be >= 0"),
+    (dict(mean=(0.5, 0.5)), "one value per channel"),
+])
+def test_image_spec_rejects_inconsistent_fields(bad, match):
+    fields = dict(kind="tensor", size=(8, 8), channels=1, mean=(0.5,), std=(0.25,))
+    with pytest.raises(ValueError, match=match):
+        ImageSpec(**{**fields, **bad})
+    spec = ImageSpec(**fields, scale=16.0)
+    a, b = spec.affine()
+    raw = torch.arange(17.0).view(1, 1, 17)
+    assert torch.allclose(raw * a + b, (raw / 16 - 0.5) / 0.25)
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="cifar10_lt"):
         load_dataset("mnist_lt")
     assert DATASETS == ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt",
                         "places_lt")
+
+
+def test_data_modules_import_each_other_without_cycles():
+    """Relative imports inside rdr_fast.data (also those inside functions) form no cycle."""
+    import ast
+    import pathlib
+
+    import rdr_fast.data
+    folder = pathlib.Path(rdr_fast.data.__file__).parent
+    deps = {}
+    for path in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names |= {node.module} if node.module else {a.name for a in node.names}
+        deps[path.stem] = names & {p.stem for p in folder.glob("*.py")}
+    assert deps["factory"] >= {"gpu_loader", "torch_loader", "dali_loader"}   # the scan works
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d)))
+                   for d in deps[start])
+
+    assert [m for m in deps if reaches(m, m)] == []
 
 
 # ----------------------------------------------------------------------------- loaders

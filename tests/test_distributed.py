@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 import rdr_fast
 from rdr_fast import distributed, reference
-from rdr_fast.data._loaders import _shard_range
+from rdr_fast.data.sampling import shard_range
 
 WORLD = 2
 COUNTS = [40, 20, 10, 5, 2]
@@ -29,7 +29,7 @@ def global_batch(step):
 
 def shard(total, rank):
     """Rank's contiguous slice of a global batch, cut by rdr_fast.data's own sharding."""
-    return _shard_range(total, rank, WORLD)
+    return shard_range(total, rank, WORLD)
 
 
 def _init(rank, init_file):

@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from rdr_fast import train as train_cli
-from rdr_fast.data import (LOADERS, LTDataset, TensorImageDataset, load_dataset, make_loaders,
-                           resolve_loader, set_epoch)
-from rdr_fast.data import _loaders
-from rdr_fast.data._common import class_splits
+from rdr_fast.data import (LOADERS, ImageSpec, LTDataset, TensorImageDataset, class_splits,
+                           load_dataset, make_loaders, resolve_loader, sampling, set_epoch)
 
 try:
     import nvidia.dali  # noqa: F401
@@ -164,12 +162,12 @@ def test_gpu_loader_augmentation_is_the_torch_paths(ds, monkeypatch):
 
 
 def test_plan_draws_uniform_offsets_and_fair_flips():
-    plan = _loaders.train_plan(4000, 128, seed=0, epoch=0, pad=4, flip=True)
+    plan = sampling.train_plan(4000, 128, seed=0, epoch=0, pad=4, flip=True)
     for offsets in (plan.top, plan.left):
         counts = torch.bincount(offsets, minlength=9)
         assert len(counts) == 9 and counts.min() > 300           # 0..8 all likely (~444 each)
     assert 0.45 < plan.flip.float().mean() < 0.55
-    still = _loaders.train_plan(100, 10, seed=0, epoch=0, pad=0, flip=False)
+    still = sampling.train_plan(100, 10, seed=0, epoch=0, pad=0, flip=False)
     assert not still.flip.any() and not still.top.any() and not still.left.any()
 
 
@@ -196,6 +194,55 @@ def test_dali_loader_recovers_from_an_abandoned_pass():
     assert torch.equal(y1, one_pass(ref)[1])
 
 
+class SpecOnly(torch.utils.data.Dataset):
+    """Not a TensorImageDataset: just what the loaders read (images, targets, spec)."""
+
+    def __init__(self, images, targets, spec):
+        self.images, self.targets, self.spec = images, targets, spec
+
+    def __len__(self):
+        return len(self.targets)
+
+
+def spec_only(ds, **changes):
+    """ds with both splits as SpecOnly, their specs changed by `changes`."""
+    from dataclasses import replace
+    split = lambda d: SpecOnly(d.images, d.targets, replace(d.spec, **changes))  # noqa: E731
+    return LTDataset(name="spec_only", train=split(ds.train), test=split(ds.test),
+                     class_counts=ds.class_counts, splits=ds.splits, in_channels=ds.in_channels,
+                     image_size=ds.image_size, label_map=ds.label_map)
+
+
+@pytest.mark.parametrize("kind", ["gpu", pytest.param("dali", marks=needs_dali)])
+def test_loaders_follow_the_spec_not_the_dataset_class(kind):
+    ds = tensor_ds(n_train=60, n_test=10, pad=2)
+    same, _ = make_loaders(spec_only(ds), 16, seed=1, loader=kind)
+    ref, _ = make_loaders(ds, 16, seed=1, loader=kind)
+    assert torch.equal(one_pass(same)[0], one_pass(ref)[0])
+    # a spec without augmentation: every train item is just its normalised image
+    still, _ = make_loaders(spec_only(ds, augment="none", pad=0, flip=False), 16, seed=1,
+                            loader=kind)
+    x, y, _ = one_pass(still)
+    mean = torch.tensor(ds.train.mean).view(1, -1, 1, 1)
+    std = torch.tensor(ds.train.std).view(1, -1, 1, 1)
+    expect = (ds.train.images[y].float() / 255 - mean) / std          # targets are sample ids
+    torch.testing.assert_close(x, expect, atol=1e-5, rtol=0)
+    assert resolve_loader(spec_only(ds), "auto", "cuda") == "gpu"
+
+
+def test_datasets_without_a_spec_take_the_torch_loader():
+    ds = tensor_ds(n_train=20, n_test=5)
+    plain = torch.utils.data.TensorDataset(torch.zeros(20, 3, 4, 4), torch.arange(20))
+    bare = LTDataset(name="bare", train=plain, test=plain, class_counts=[2] * 10,
+                     splits=ds.splits, in_channels=3, image_size=4, label_map=ds.label_map)
+    assert resolve_loader(bare, "auto", "cuda") == "torch"
+    for kind in ("gpu", "dali"):
+        with pytest.raises(ValueError, match=f"loader '{kind}' needs"):
+            make_loaders(bare, 4, loader=kind)
+    train, _ = make_loaders(bare, 8, seed=0)
+    assert torch.equal(torch.sort(one_pass(train)[1]).values, torch.arange(20))
+
+
 # ----------------------------------------------------------------------------- sharding
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -216,8 +263,11 @@ def test_shards_split_each_global_batch(kind):
 
 def test_sharding_arguments_are_checked():
     ds = tensor_ds(n_train=20, n_test=5)
-    with pytest.raises(ValueError, match="shard_id"):
-        make_loaders(ds, 8, loader="gpu", shard_id=2, num_shards=2)
+    for kind in ("torch", "gpu"):
+        with pytest.raises(ValueError, match="shard_id"):
+            make_loaders(ds, 8, loader=kind, shard_id=2, num_shards=2)
+        with pytest.raises(ValueError, match="shard_id"):
+            make_loaders(ds, 8, loader=kind, shard_id=1, num_shards=1)
 
 
 # ----------------------------------------------------------------------------- choice of loader
@@ -239,7 +289,7 @@ def test_missing_dali_gives_the_install_command(monkeypatch, tmp_path):
     for mod in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)              # import now fails
-    from rdr_fast.data._dali import DALINotInstalledError, dali_available
+    from rdr_fast.data.dali_loader import DALINotInstalledError, dali_available
     assert not dali_available()
     ds = tensor_ds(n_train=20, n_test=5)
     with pytest.raises(DALINotInstalledError, match=r'pip install "rdr_fast\[dali\]"') as info:

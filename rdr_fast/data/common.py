@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .spec import ImageSpec
+
 
 class DataNotFoundError(RuntimeError):
     """Data files are missing, unreadable or corrupt. The message says what was looked
@@ -23,6 +25,8 @@ class LTDataset:
     counts per class index (after label noise, if any); class 0 is the head.
     splits maps "many"/"medium"/"few" to [lo, hi) class-index ranges.
     label_map maps an original label to its re-indexed label.
+    The builders give train and test an ImageSpec (`ds.train.spec`, `ds.test.spec`):
+    how the images are stored and transformed, which is all the loaders read.
     """
     name: str
     train: torch.utils.data.Dataset
@@ -123,20 +127,29 @@ class TensorImageDataset(torch.utils.data.Dataset):
     pad > 0 enables RandomCrop(H, padding=pad) with zero fill, as torchvision does
     before normalising; flip enables RandomHorizontalFlip(0.5). Augmentation draws from
     torch's global RNG (per-worker seeded by the DataLoader when num_workers > 0).
+    `spec` records all of this for the loaders (augment "crop_flip" when pad or flip).
     """
 
     def __init__(self, images, targets, mean, std, *, scale=255.0, pad=0, flip=False,
                  clean_targets=None):
+        if images.dim() != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         self.images = images
         self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
         self.clean_targets = (self.targets.clone() if clean_targets is None else
                               torch.as_tensor(np.asarray(clean_targets), dtype=torch.int64))
-        # Fold 1/scale into the normalisation: x * a + b, a = 1/(scale*std), b = -mean/std.
-        mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.mean, self.std, self.scale = tuple(mean), tuple(std), float(scale)
-        self._a, self._b = 1.0 / (scale * std_t), -mean_t / std_t
-        self.pad, self.flip = int(pad), bool(flip)
+        self.spec = ImageSpec(kind="tensor", size=tuple(images.shape[-2:]),
+                              channels=images.shape[1], mean=tuple(mean), std=tuple(std),
+                              scale=float(scale), augment="crop_flip" if pad or flip else "none",
+                              pad=int(pad), flip=bool(flip))
+        self._a, self._b = self.spec.affine()
+
+    # The constructor's arguments, read back from the spec (their one home).
+    mean = property(lambda self: self.spec.mean)
+    std = property(lambda self: self.spec.std)
+    scale = property(lambda self: self.spec.scale)
+    pad = property(lambda self: self.spec.pad)
+    flip = property(lambda self: self.spec.flip)
 
     def __len__(self) -> int:
         return self.images.shape[0]

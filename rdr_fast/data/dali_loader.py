@@ -1,20 +1,22 @@
 """NVIDIA DALI loaders (optional: pip install "rdr_fast[dali]", i.e. nvidia-dali-cuda130).
 
-DALIArrayLoader: in-memory uint8 arrays (CIFAR-LT, Fashion-MNIST-LT, digits) through
-  external_source in batch mode. The callback serves the plan of rdr_fast.data._loaders
+Both read the split's ImageSpec (rdr_fast.data.spec) for the normalisation and the
+augmentation, which they reproduce with DALI ops:
+DALIArrayLoader: kind "tensor" (CIFAR-LT, Fashion-MNIST-LT, digits) through
+  external_source in batch mode. The callback serves the plan of rdr_fast.data.sampling
   (seeded order, crop offsets, flips: a pure function of (seed, epoch), whatever DALI
   prefetches); one fused crop_mirror_normalize does crop + flip + normalise on the
   pre-padded set, so batches equal the gpu-resident loader's. Partial last batch.
-DALIFileLoader: JPEG file lists (ImageNet-LT, Places-LT) through readers.file with
-  files= / labels= (the re-indexed labels). Train: decode with a random-resized crop
-  (area 0.08-1, aspect 3/4-4/3), resize to image_size, colour twist
-  (brightness/contrast/saturation uniform in [0.6, 1.4], ColorJitter(0.4, 0.4, 0.4)),
-  flip p=0.5, normalise. Test: decode, resize the shorter side to
-  round(image_size * 256 / 224), centre crop image_size, normalise. The reader is
-  rebuilt each pass with the plan's order (random_shuffle off) and a pipeline seed
-  derived from (seed, epoch), so the order and the random ops are pure in (seed,
-  epoch) too; LastBatchPolicy.PARTIAL with pad_last_batch=True: every image counts
-  exactly once and the last batch is short.
+DALIFileLoader: kind "files" (ImageNet-LT, Places-LT) through readers.file with
+  files= / labels= (the re-indexed labels). Train, augment "resized_crop_flip_jitter":
+  decode with a random-resized crop (area 0.08-1, aspect 3/4-4/3), resize to the
+  spec's size, colour twist (brightness/contrast/saturation uniform in [0.6, 1.4],
+  ColorJitter(0.4, 0.4, 0.4)), flip p=0.5, normalise. Test (and augment "none"):
+  decode, resize the shorter side to spec.resize_shorter (256 for 224), centre crop,
+  normalise. The reader is rebuilt each pass with the plan's order (random_shuffle
+  off) and a pipeline seed derived from (seed, epoch), so the order and the random ops
+  are pure in (seed, epoch) too; LastBatchPolicy.PARTIAL with pad_last_batch=True:
+  every image counts exactly once and the last batch is short.
 
 Without a GPU (or with a CPU device) the pipelines are CPU-only (device_id=None); on a
 CUDA device the JPEGs are decoded with device="mixed" (nvJPEG / nvImageCodec) and the
@@ -29,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._loaders import EpochLoader
+from .sampling import EpochLoader
+from .spec import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT
 
 INSTALL_HINT = ('pip install "rdr_fast[dali]" (the nvidia-dali-cuda130 wheel; '
                 'nvidia-dali-cuda120 for CUDA 12 drivers)')
@@ -57,6 +60,11 @@ def dali_available() -> bool:
     except DALINotInstalledError:
         return False
     return True
+
+
+def raw_mean_std(spec):
+    """The spec's mean and std on raw pixel values, where crop_mirror_normalize works."""
+    return [m * spec.scale for m in spec.mean], [s * spec.scale for s in spec.std]
 
 
 def _device_id(device):
@@ -87,23 +95,22 @@ class _DALILoader(EpochLoader):
 
 
 class DALIArrayLoader(_DALILoader):
-    """In-memory uint8 [N, C, H, W] images (a TensorImageDataset) through DALI."""
+    """In-memory uint8 [N, C, H, W] images (`images`, `targets` and an ImageSpec of kind
+    "tensor" as `spec`) through DALI, augmented as the spec says."""
 
     def __init__(self, dataset, batch_size, *, seed=0, train=True, device=None, num_threads=2,
                  shard_id=0, num_shards=1):
+        spec = dataset.spec
         super().__init__(len(dataset), batch_size, seed=seed, train=train, device=device,
-                         num_threads=num_threads, pad=getattr(dataset, "pad", 0),
-                         flip=getattr(dataset, "flip", False), shard_id=shard_id,
-                         num_shards=num_shards)
+                         num_threads=num_threads, pad=spec.pad, flip=spec.flip,
+                         shard_id=shard_id, num_shards=num_shards)
         images = dataset.images
-        self.height, self.width = images.shape[-2:]
+        self.height, self.width = spec.size
         if self.pad:
             images = torch.nn.functional.pad(images, (self.pad,) * 4)
         self.images = np.ascontiguousarray(images.numpy())              # [N, C, H+2p, W+2p]
         self.targets = dataset.targets.numpy().astype(np.int64)
-        scale = dataset.scale
-        self.mean = [m * scale for m in dataset.mean]
-        self.std = [s * scale for s in dataset.std]
+        self.mean, self.std = raw_mean_std(spec)
         self._pipe = self._iter = None
         self._feeds = {}            # DALI epoch index -> this pass's plan (numpy)
         self._dali_epoch = -1       # DALI epoch index of the pass being served
@@ -151,7 +158,7 @@ class DALIArrayLoader(_DALILoader):
         self._feeds, self._dali_epoch, self._clean = {}, -1, True
 
     def __iter__(self):
-        plan = self._next_plan()
+        plan = self.next_plan()
         if self._iter is None or not self._clean:
             self._iter = self._pipe = None       # abandoned mid-pass: start afresh
             self._build()
@@ -167,30 +174,28 @@ class DALIArrayLoader(_DALILoader):
 
 
 class DALIFileLoader(_DALILoader):
-    """JPEG files (a ListImageDataset) through DALI's file reader and image decoder."""
+    """Image files (`paths`, `targets` and an ImageSpec of kind "files" as `spec`) through
+    DALI's file reader and image decoder, augmented as the spec says."""
 
-    def __init__(self, dataset, batch_size, *, image_size=224, seed=0, train=True, device=None,
-                 num_threads=2, shard_id=0, num_shards=1):
-        augment = train and _is_train_transform(getattr(dataset, "transform", None))
+    def __init__(self, dataset, batch_size, *, seed=0, train=True, device=None, num_threads=2,
+                 shard_id=0, num_shards=1):
+        spec = dataset.spec
         super().__init__(len(dataset), batch_size, seed=seed, train=train, device=device,
                          num_threads=num_threads, shard_id=shard_id, num_shards=num_shards)
         if train and num_shards > 1 and batch_size % num_shards:
             raise ValueError(f"the DALI file loader needs batch_size ({batch_size}) divisible "
                              f"by num_shards ({num_shards}) so that every shard's reader "
                              "batches line up with the global batches")
-        self.augment = augment
+        self.augment = train and spec.augment == "resized_crop_flip_jitter"
         self.paths = list(dataset.paths)
         self.targets = dataset.targets.numpy().astype(np.int64)
-        self.image_size = int(image_size)
-        self.resize_shorter = round(self.image_size * 256 / 224)
-        from ._oltr import IMAGENET_NORM
-        self.mean = [m * 255 for m in IMAGENET_NORM[0]]
-        self.std = [s * 255 for s in IMAGENET_NORM[1]]
+        self.size, self.resize_shorter = spec.size, spec.resize_shorter
+        self.mean, self.std = raw_mean_std(spec)
 
     def _pipeline(self, files, labels, seed):
         from nvidia.dali import fn, pipeline_def, types
         decode_dev = "mixed" if self.on_gpu else "cpu"
-        size = self.image_size
+        size = self.size
 
         @pipeline_def
         def graph():
@@ -198,10 +203,11 @@ class DALIFileLoader(_DALILoader):
                                        pad_last_batch=True, name="Reader")
             if self.augment:
                 img = fn.decoders.image_random_crop(
-                    jpegs, device=decode_dev, output_type=types.RGB, random_area=[0.08, 1.0],
-                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
-                img = fn.resize(img, resize_x=size, resize_y=size)
-                jitter = dict(range=[0.6, 1.4])
+                    jpegs, device=decode_dev, output_type=types.RGB,
+                    random_area=list(RESIZED_CROP_AREA),
+                    random_aspect_ratio=list(RESIZED_CROP_ASPECT), num_attempts=10)
+                img = fn.resize(img, resize_x=size[1], resize_y=size[0])
+                jitter = dict(range=[1 - COLOR_JITTER, 1 + COLOR_JITTER])
                 img = fn.color_twist(img, brightness=fn.random.uniform(**jitter),
                                      contrast=fn.random.uniform(**jitter),
                                      saturation=fn.random.uniform(**jitter))
@@ -211,7 +217,7 @@ class DALIFileLoader(_DALILoader):
             else:
                 img = fn.decoders.image(jpegs, device=decode_dev, output_type=types.RGB)
                 img = fn.resize(img, resize_shorter=self.resize_shorter)
-                x = fn.crop_mirror_normalize(img, crop=(size, size), mean=self.mean,
+                x = fn.crop_mirror_normalize(img, crop=size, mean=self.mean,
                                              std=self.std, dtype=types.FLOAT, output_layout="CHW")
             return x, (y.gpu() if self.on_gpu else y)
 
@@ -221,7 +227,7 @@ class DALIFileLoader(_DALILoader):
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         epoch = self.epoch
-        plan = self._next_plan()
+        plan = self.next_plan()
         if not plan.steps:
             return
         idx = plan.idx.numpy()
@@ -232,8 +238,3 @@ class DALIFileLoader(_DALILoader):
                                  last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         yield from self._batches(it)
 
-
-def _is_train_transform(transform) -> bool:
-    """Whether a ListImageDataset's torchvision transform is the augmenting one."""
-    steps = getattr(transform, "transforms", [transform])
-    return any(type(t).__name__ == "RandomResizedCrop" for t in steps)

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import torch
 
-from ._common import DataNotFoundError, fix_hint, tensor_lt_dataset
+from .common import DataNotFoundError, fix_hint, tensor_lt_dataset
 
 # LDAM-DRW's constants, used for both CIFAR-10 and CIFAR-100 (comparability with LDAM).
 CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))

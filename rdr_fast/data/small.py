@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import torch
 
-from ._common import DataNotFoundError, fix_hint, tensor_lt_dataset
+from .common import DataNotFoundError, fix_hint, tensor_lt_dataset
 
 # Where `apt-get install dataset-fashion-mnist` puts the four .gz IDX files (Debian).
 FMNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"

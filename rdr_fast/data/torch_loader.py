@@ -1,0 +1,66 @@
+"""The torch loader: a DataLoader over the dataset's own items (its per-item transform)."""
+from __future__ import annotations
+
+import torch
+
+from .sampling import EpochLoader, SeededShuffleSampler
+
+
+class TorchLoader(torch.utils.data.DataLoader):
+    """torch DataLoader with set_epoch(e) and an optional device move of each batch
+    (pinned memory, non-blocking copy). Still a DataLoader: .sampler.set_epoch works."""
+
+    def __init__(self, *args, device=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        dev = torch.device(device) if device is not None else None
+        self._device = dev if dev is not None and dev.type != "cpu" else None
+
+    def set_epoch(self, epoch: int) -> None:
+        for obj in (self.batch_sampler, self.sampler):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+                return
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self._device is None:
+            return it
+        return ((x.to(self._device, non_blocking=True), y.to(self._device, non_blocking=True))
+                for x, y in it)
+
+
+class ShardBatchSampler(torch.utils.data.Sampler):
+    """Batches of train_plan / test_plan as index lists (the torch loader's sharded path)."""
+
+    def __init__(self, plan_source: EpochLoader):
+        self.src = plan_source
+
+    def set_epoch(self, epoch: int) -> None:
+        self.src.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __iter__(self):
+        plan = self.src.next_plan()
+        for lo, hi in plan.steps:
+            yield plan.idx[lo:hi].tolist()
+
+
+def torch_loaders(ds, batch_size, *, seed, num_workers, device, shard_id, num_shards):
+    """(train, test) TorchLoaders; one shard (the usual case) keeps DataLoader's own
+    batching over a SeededShuffleSampler, several shards batch by the sampling plans."""
+    common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=num_workers > 0, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    if num_shards == 1:
+        train = TorchLoader(ds.train, batch_size=batch_size,
+                            sampler=SeededShuffleSampler(len(ds.train), seed), drop_last=False,
+                            generator=gen, **common)
+        test = TorchLoader(ds.test, batch_size=batch_size, shuffle=False, **common)
+        return train, test
+    tr = EpochLoader(len(ds.train), batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards)
+    te = EpochLoader(len(ds.test), batch_size, train=False, shard_id=shard_id, num_shards=num_shards)
+    train = TorchLoader(ds.train, batch_sampler=ShardBatchSampler(tr), generator=gen, **common)
+    test = TorchLoader(ds.test, batch_sampler=ShardBatchSampler(te), **common)
+    return train, test
