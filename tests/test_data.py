@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rdr_fast.data import (DATASETS, DataNotFoundError, ImageSpec, SeededShuffleSampler,
+from rdr_fast.data import (DATASETS, DataNotFoundError, ImageFormat, SeededShuffleSampler,
                            add_symmetric_noise, class_splits, load_dataset, long_tail_counts,
                            make_loaders)
 from rdr_fast.data.cifar import CIFAR_NORM
@@ -387,30 +387,30 @@ def test_oltr_errors(oltr_root, tmp_path):
     _assert_clear(err, str(lst), "line 11")
 
 
-# ------------------------------------------------------------------------- image specs
+# ------------------------------------------------------------------------- image formats
 
 
 def test_builders_describe_their_images(cifar_root, fmnist_root, oltr_root):
     root, _, _ = cifar_root
     cifar = load_dataset("cifar10_lt", data_root=str(root), imb_factor=10)
-    assert cifar.train.spec == ImageSpec("tensor", (32, 32), 3, *CIFAR_NORM, augment="crop_flip",
+    assert cifar.train.image_format == ImageFormat("tensor", (32, 32), 3, *CIFAR_NORM, augment="crop_flip",
                                          pad=4, flip=True)
-    assert cifar.test.spec == ImageSpec("tensor", (32, 32), 3, *CIFAR_NORM)
+    assert cifar.test.image_format == ImageFormat("tensor", (32, 32), 3, *CIFAR_NORM)
     plain = load_dataset("cifar10_lt", data_root=str(root), imb_factor=10, train_transform=False)
-    assert plain.train.spec == plain.test.spec
+    assert plain.train.image_format == plain.test.image_format
     fmnist = load_dataset("fmnist_lt", data_root=str(fmnist_root), imb_factor=10)
-    assert (fmnist.train.spec.size, fmnist.train.spec.channels) == ((28, 28), 1)
-    assert (fmnist.train.spec.augment, fmnist.train.spec.pad, fmnist.train.spec.flip) == (
+    assert (fmnist.train.image_format.size, fmnist.train.image_format.channels) == ((28, 28), 1)
+    assert (fmnist.train.image_format.augment, fmnist.train.image_format.pad, fmnist.train.image_format.flip) == (
         "crop_flip", 2, True)
-    digits = load_dataset("digits_lt", imb_factor=10).train.spec
+    digits = load_dataset("digits_lt", imb_factor=10).train.image_format
     assert (digits.size, digits.scale, digits.augment) == ((8, 8), 16.0, "none")
     lists, img = oltr_root
     oltr = load_dataset("imagenet_lt", data_root=str(lists), image_root=str(img), image_size=32)
-    assert oltr.train.spec == ImageSpec("files", (32, 32), 3, *IMAGENET_NORM,
+    assert oltr.train.image_format == ImageFormat("files", (32, 32), 3, *IMAGENET_NORM,
                                         augment="resized_crop_flip_jitter")
-    assert oltr.test.spec.augment == "none" and oltr.test.spec.resize_shorter == 37   # 32*256/224
+    assert oltr.test.image_format.augment == "none" and oltr.test.image_format.resize_shorter == 37   # 32*256/224
     assert load_dataset("places_lt", data_root=str(lists), image_root=str(img),
-                        train_transform=False).train.spec.augment == "none"
+                        train_transform=False).train.image_format.augment == "none"
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -422,12 +422,12 @@ def test_builders_describe_their_images(cifar_root, fmnist_root, oltr_root):
     (dict(augment="crop_flip", pad=-1), "pad must be >= 0"),
     (dict(mean=(0.5, 0.5)), "one value per channel"),
 ])
-def test_image_spec_rejects_inconsistent_fields(bad, match):
+def test_image_format_rejects_inconsistent_fields(bad, match):
     fields = dict(kind="tensor", size=(8, 8), channels=1, mean=(0.5,), std=(0.25,))
     with pytest.raises(ValueError, match=match):
-        ImageSpec(**{**fields, **bad})
-    spec = ImageSpec(**fields, scale=16.0)
-    a, b = spec.affine()
+        ImageFormat(**{**fields, **bad})
+    fmt = ImageFormat(**fields, scale=16.0)
+    a, b = fmt.affine()
     raw = torch.arange(17.0).view(1, 1, 17)
     assert torch.allclose(raw * a + b, (raw / 16 - 0.5) / 0.25)
 

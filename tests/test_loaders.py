@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rdr_fast import train as train_cli
-from rdr_fast.data import (LOADERS, ImageSpec, LTDataset, TensorImageDataset, class_splits,
+from rdr_fast.data import (LOADERS, ImageFormat, LTDataset, TensorImageDataset, class_splits,
                            load_dataset, make_loaders, resolve_loader, sampling, set_epoch)
 
 try:
@@ -194,43 +194,43 @@ def test_dali_loader_recovers_from_an_abandoned_pass():
     assert torch.equal(y1, one_pass(ref)[1])
 
 
-class SpecOnly(torch.utils.data.Dataset):
-    """Not a TensorImageDataset: just what the loaders read (images, targets, spec)."""
+class FormatOnly(torch.utils.data.Dataset):
+    """Not a TensorImageDataset: just what the loaders read (images, targets, fmt)."""
 
-    def __init__(self, images, targets, spec):
-        self.images, self.targets, self.spec = images, targets, spec
+    def __init__(self, images, targets, fmt):
+        self.images, self.targets, self.image_format = images, targets, fmt
 
     def __len__(self):
         return len(self.targets)
 
 
-def spec_only(ds, **changes):
-    """ds with both splits as SpecOnly, their specs changed by `changes`."""
+def format_only(ds, **changes):
+    """ds with both splits as FormatOnly, their formats changed by `changes`."""
     from dataclasses import replace
-    split = lambda d: SpecOnly(d.images, d.targets, replace(d.spec, **changes))  # noqa: E731
-    return LTDataset(name="spec_only", train=split(ds.train), test=split(ds.test),
+    split = lambda d: FormatOnly(d.images, d.targets, replace(d.image_format, **changes))  # noqa: E731
+    return LTDataset(name="format_only", train=split(ds.train), test=split(ds.test),
                      class_counts=ds.class_counts, splits=ds.splits, in_channels=ds.in_channels,
                      image_size=ds.image_size, label_map=ds.label_map)
 
 
 @pytest.mark.parametrize("kind", ["gpu", pytest.param("dali", marks=needs_dali)])
-def test_loaders_follow_the_spec_not_the_dataset_class(kind):
+def test_loaders_follow_the_image_format_not_the_dataset_class(kind):
     ds = tensor_ds(n_train=60, n_test=10, pad=2)
-    same, _ = make_loaders(spec_only(ds), 16, seed=1, loader=kind)
+    same, _ = make_loaders(format_only(ds), 16, seed=1, loader=kind)
     ref, _ = make_loaders(ds, 16, seed=1, loader=kind)
     assert torch.equal(one_pass(same)[0], one_pass(ref)[0])
-    # a spec without augmentation: every train item is just its normalised image
-    still, _ = make_loaders(spec_only(ds, augment="none", pad=0, flip=False), 16, seed=1,
+    # a fmt without augmentation: every train item is just its normalised image
+    still, _ = make_loaders(format_only(ds, augment="none", pad=0, flip=False), 16, seed=1,
                             loader=kind)
     x, y, _ = one_pass(still)
     mean = torch.tensor(ds.train.mean).view(1, -1, 1, 1)
     std = torch.tensor(ds.train.std).view(1, -1, 1, 1)
     expect = (ds.train.images[y].float() / 255 - mean) / std          # targets are sample ids
     torch.testing.assert_close(x, expect, atol=1e-5, rtol=0)
-    assert resolve_loader(spec_only(ds), "auto", "cuda") == "gpu"
+    assert resolve_loader(format_only(ds), "auto", "cuda") == "gpu"
 
 
-def test_datasets_without_a_spec_take_the_torch_loader():
+def test_datasets_without_an_image_format_take_the_torch_loader():
     ds = tensor_ds(n_train=20, n_test=5)
     plain = torch.utils.data.TensorDataset(torch.zeros(20, 3, 4, 4), torch.arange(20))
     bare = LTDataset(name="bare", train=plain, test=plain, class_counts=[2] * 10,

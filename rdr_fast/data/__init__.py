@@ -24,8 +24,8 @@ from .common import (DataNotFoundError, LTDataset, TensorImageDataset, add_symme
 from .datasets import DATASETS, load_dataset
 from .factory import LOADERS, make_loaders, resolve_loader, set_epoch
 from .sampling import SeededShuffleSampler
-from .spec import ImageSpec
+from .image_format import ImageFormat
 
-__all__ = ["DATASETS", "DataNotFoundError", "ImageSpec", "LTDataset", "SeededShuffleSampler",
+__all__ = ["DATASETS", "DataNotFoundError", "ImageFormat", "LTDataset", "SeededShuffleSampler",
            "TensorImageDataset", "add_symmetric_noise", "class_splits", "load_dataset",
            "long_tail_counts", "make_loaders", "LOADERS", "resolve_loader", "set_epoch"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .spec import ImageSpec
+from .image_format import ImageFormat
 
 
 class DataNotFoundError(RuntimeError):
@@ -25,7 +25,7 @@ class LTDataset:
     counts per class index (after label noise, if any); class 0 is the head.
     splits maps "many"/"medium"/"few" to [lo, hi) class-index ranges.
     label_map maps an original label to its re-indexed label.
-    The builders give train and test an ImageSpec (`ds.train.spec`, `ds.test.spec`):
+    The builders give train and test an ImageFormat (`ds.train.image_format`, `ds.test.image_format`):
     how the images are stored and transformed, which is all the loaders read.
     """
     name: str
@@ -127,7 +127,7 @@ class TensorImageDataset(torch.utils.data.Dataset):
     pad > 0 enables RandomCrop(H, padding=pad) with zero fill, as torchvision does
     before normalising; flip enables RandomHorizontalFlip(0.5). Augmentation draws from
     torch's global RNG (per-worker seeded by the DataLoader when num_workers > 0).
-    `spec` records all of this for the loaders (augment "crop_flip" when pad or flip).
+    `image_format` records all of this for the loaders (augment "crop_flip" when pad or flip).
     """
 
     def __init__(self, images, targets, mean, std, *, scale=255.0, pad=0, flip=False,
@@ -138,18 +138,18 @@ class TensorImageDataset(torch.utils.data.Dataset):
         self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
         self.clean_targets = (self.targets.clone() if clean_targets is None else
                               torch.as_tensor(np.asarray(clean_targets), dtype=torch.int64))
-        self.spec = ImageSpec(kind="tensor", size=tuple(images.shape[-2:]),
+        self.image_format = ImageFormat(kind="tensor", size=tuple(images.shape[-2:]),
                               channels=images.shape[1], mean=tuple(mean), std=tuple(std),
                               scale=float(scale), augment="crop_flip" if pad or flip else "none",
                               pad=int(pad), flip=bool(flip))
-        self._a, self._b = self.spec.affine()
+        self._a, self._b = self.image_format.affine()
 
-    # The constructor's arguments, read back from the spec (their one home).
-    mean = property(lambda self: self.spec.mean)
-    std = property(lambda self: self.spec.std)
-    scale = property(lambda self: self.spec.scale)
-    pad = property(lambda self: self.spec.pad)
-    flip = property(lambda self: self.spec.flip)
+    # The constructor's arguments, read back from the image format (their one home).
+    mean = property(lambda self: self.image_format.mean)
+    std = property(lambda self: self.image_format.std)
+    scale = property(lambda self: self.image_format.scale)
+    pad = property(lambda self: self.image_format.pad)
+    flip = property(lambda self: self.image_format.flip)
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -1,6 +1,6 @@
 """NVIDIA DALI loaders (optional: pip install "rdr_fast[dali]", i.e. nvidia-dali-cuda130).
 
-Both read the split's ImageSpec (rdr_fast.data.spec) for the normalisation and the
+Both read the split's ImageFormat (rdr_fast.data.image_format) for the normalisation and the
 augmentation, which they reproduce with DALI ops:
 DALIArrayLoader: kind "tensor" (CIFAR-LT, Fashion-MNIST-LT, digits) through
   external_source in batch mode. The callback serves the plan of rdr_fast.data.sampling
@@ -10,9 +10,9 @@ DALIArrayLoader: kind "tensor" (CIFAR-LT, Fashion-MNIST-LT, digits) through
 DALIFileLoader: kind "files" (ImageNet-LT, Places-LT) through readers.file with
   files= / labels= (the re-indexed labels). Train, augment "resized_crop_flip_jitter":
   decode with a random-resized crop (area 0.08-1, aspect 3/4-4/3), resize to the
-  spec's size, colour twist (brightness/contrast/saturation uniform in [0.6, 1.4],
+  image format's size, colour twist (brightness/contrast/saturation uniform in [0.6, 1.4],
   ColorJitter(0.4, 0.4, 0.4)), flip p=0.5, normalise. Test (and augment "none"):
-  decode, resize the shorter side to spec.resize_shorter (256 for 224), centre crop,
+  decode, resize the shorter side to fmt.resize_shorter (256 for 224), centre crop,
   normalise. The reader is rebuilt each pass with the plan's order (random_shuffle
   off) and a pipeline seed derived from (seed, epoch), so the order and the random ops
   are pure in (seed, epoch) too; LastBatchPolicy.PARTIAL with pad_last_batch=True:
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .sampling import EpochLoader
-from .spec import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT
+from .image_format import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT
 
 INSTALL_HINT = ('pip install "rdr_fast[dali]" (the nvidia-dali-cuda130 wheel; '
                 'nvidia-dali-cuda120 for CUDA 12 drivers)')
@@ -62,13 +62,13 @@ def dali_available() -> bool:
     return True
 
 
-def raw_mean_std(spec):
-    """The spec's mean and std on raw pixel values, where crop_mirror_normalize works."""
-    return [m * spec.scale for m in spec.mean], [s * spec.scale for s in spec.std]
+def raw_mean_std(fmt):
+    """The image format's mean and std on raw pixel values, where crop_mirror_normalize works."""
+    return [m * fmt.scale for m in fmt.mean], [s * fmt.scale for s in fmt.std]
 
 
 def _device_id(device):
-    """(device_id for the pipeline, on_gpu) for a torch device spec."""
+    """(device_id for the pipeline, on_gpu) for a torch device string."""
     if device is None:
         return None, False
     dev = torch.device(device)
@@ -95,22 +95,22 @@ class _DALILoader(EpochLoader):
 
 
 class DALIArrayLoader(_DALILoader):
-    """In-memory uint8 [N, C, H, W] images (`images`, `targets` and an ImageSpec of kind
-    "tensor" as `spec`) through DALI, augmented as the spec says."""
+    """In-memory uint8 [N, C, H, W] images (`images`, `targets` and an ImageFormat of kind
+    "tensor" as `image_format`) through DALI, augmented as it says."""
 
     def __init__(self, dataset, batch_size, *, seed=0, train=True, device=None, num_threads=2,
                  shard_id=0, num_shards=1):
-        spec = dataset.spec
+        fmt = dataset.image_format
         super().__init__(len(dataset), batch_size, seed=seed, train=train, device=device,
-                         num_threads=num_threads, pad=spec.pad, flip=spec.flip,
+                         num_threads=num_threads, pad=fmt.pad, flip=fmt.flip,
                          shard_id=shard_id, num_shards=num_shards)
         images = dataset.images
-        self.height, self.width = spec.size
+        self.height, self.width = fmt.size
         if self.pad:
             images = torch.nn.functional.pad(images, (self.pad,) * 4)
         self.images = np.ascontiguousarray(images.numpy())              # [N, C, H+2p, W+2p]
         self.targets = dataset.targets.numpy().astype(np.int64)
-        self.mean, self.std = raw_mean_std(spec)
+        self.mean, self.std = raw_mean_std(fmt)
         self._pipe = self._iter = None
         self._feeds = {}            # DALI epoch index -> this pass's plan (numpy)
         self._dali_epoch = -1       # DALI epoch index of the pass being served
@@ -174,23 +174,23 @@ class DALIArrayLoader(_DALILoader):
 
 
 class DALIFileLoader(_DALILoader):
-    """Image files (`paths`, `targets` and an ImageSpec of kind "files" as `spec`) through
-    DALI's file reader and image decoder, augmented as the spec says."""
+    """Image files (`paths`, `targets` and an ImageFormat of kind "files" as `image_format`) through
+    DALI's file reader and image decoder, augmented as the format says."""
 
     def __init__(self, dataset, batch_size, *, seed=0, train=True, device=None, num_threads=2,
                  shard_id=0, num_shards=1):
-        spec = dataset.spec
+        fmt = dataset.image_format
         super().__init__(len(dataset), batch_size, seed=seed, train=train, device=device,
                          num_threads=num_threads, shard_id=shard_id, num_shards=num_shards)
         if train and num_shards > 1 and batch_size % num_shards:
             raise ValueError(f"the DALI file loader needs batch_size ({batch_size}) divisible "
                              f"by num_shards ({num_shards}) so that every shard's reader "
                              "batches line up with the global batches")
-        self.augment = train and spec.augment == "resized_crop_flip_jitter"
+        self.augment = train and fmt.augment == "resized_crop_flip_jitter"
         self.paths = list(dataset.paths)
         self.targets = dataset.targets.numpy().astype(np.int64)
-        self.size, self.resize_shorter = spec.size, spec.resize_shorter
-        self.mean, self.std = raw_mean_std(spec)
+        self.size, self.resize_shorter = fmt.size, fmt.resize_shorter
+        self.mean, self.std = raw_mean_std(fmt)
 
     def _pipeline(self, files, labels, seed):
         from nvidia.dali import fn, pipeline_def, types

@@ -15,10 +15,10 @@ LOADERS = ("auto", "torch", "dali", "gpu")
 
 
 def image_kind(dataset) -> str | None:
-    """The dataset's ImageSpec kind ("tensor" or "files"); None for a dataset without a
-    spec (any torch Dataset of normalised items), which only the torch loader takes."""
-    spec = getattr(dataset, "spec", None)
-    return None if spec is None else spec.kind
+    """The dataset's ImageFormat kind ("tensor" or "files"); None for a dataset without a
+    image format (any torch Dataset of normalised items), which only the torch loader takes."""
+    fmt = getattr(dataset, "image_format", None)
+    return None if fmt is None else fmt.kind
 
 
 def resolve_loader(ds, loader: str = "auto", device=None) -> str:
@@ -40,7 +40,7 @@ def resolve_loader(ds, loader: str = "auto", device=None) -> str:
                          f"cifar*_lt); {ds.name}'s train images are of kind {kind!r}: "
                          "use 'dali' or 'torch'")
     if loader == "dali" and kind is None:
-        raise ValueError(f"loader 'dali' needs an ImageSpec on the dataset (ds.train.spec); "
+        raise ValueError(f"loader 'dali' needs an ImageFormat on the dataset (ds.train.image_format); "
                          f"{ds.name} has none: use 'torch'")
     return loader
 
@@ -65,9 +65,9 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
     device: where batches land (None: CPU; the torch loader pins and copies).
     shard_id / num_shards: this process's share for multi-process training; batch_size
       is then the global batch (see rdr_fast.data.sampling for the convention).
-    Every loader takes its transforms from the splits' ImageSpec (ds.train.spec,
-    ds.test.spec: zero-padded random crop + flip p=0.5 for the in-memory sets,
-    random-resized crop + flip + colour jitter for the JPEG sets; the spec's mean/std;
+    Every loader takes its transforms from the splits' ImageFormat (ds.train.image_format,
+    ds.test.image_format: zero-padded random crop + flip p=0.5 for the in-memory sets,
+    random-resized crop + flip + colour jitter for the JPEG sets; the format's mean/std;
     deterministic test transforms) and shares the epoch order; train batches are not dropped (the last one is partial). The torch loader
     draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
     workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).

@@ -10,10 +10,10 @@ from .sampling import EpochLoader
 class GPUResidentLoader(EpochLoader):
     """The whole uint8 set on `device` (CUDA or CPU), augmented in batches with torch ops.
 
-    dataset: images uint8 [N, C, H, W], targets int64 [N] and an ImageSpec of kind
-    "tensor" (`dataset.spec`), which sets the augmentation and the normalisation.
-    Train, augment "crop_flip": zero padding by spec.pad (done once), per-image integer
-    crop offsets in 0..2*pad and horizontal flips (if spec.flip) as one gather per
+    dataset: images uint8 [N, C, H, W], targets int64 [N] and an ImageFormat of kind
+    "tensor" (`dataset.image_format`), which sets the augmentation and the normalisation.
+    Train, augment "crop_flip": zero padding by fmt.pad (done once), per-image integer
+    crop offsets in 0..2*pad and horizontal flips (if fmt.flip) as one gather per
     batch, then float and normalise ((x / scale - mean) / std) — torchvision's
     RandomCrop(H, padding=pad) + RandomHorizontalFlip() + Normalize. Test: normalise
     only. No per-sample Python; one small plan transfer per epoch.
@@ -21,15 +21,15 @@ class GPUResidentLoader(EpochLoader):
 
     def __init__(self, dataset, batch_size, *, seed=0, train=True, device="cpu",
                  shard_id=0, num_shards=1):
-        spec = dataset.spec
-        super().__init__(len(dataset), batch_size, seed=seed, train=train, pad=spec.pad,
-                         flip=spec.flip, shard_id=shard_id, num_shards=num_shards)
+        fmt = dataset.image_format
+        super().__init__(len(dataset), batch_size, seed=seed, train=train, pad=fmt.pad,
+                         flip=fmt.flip, shard_id=shard_id, num_shards=num_shards)
         self.device = torch.device(device)
         images = dataset.images.to(self.device)
         self.channels, self.height, self.width = images.shape[1:]
         self.images = F.pad(images, (self.pad,) * 4) if self.pad else images
         self.targets = dataset.targets.to(self.device)
-        self.a, self.b = (t.to(self.device) for t in spec.affine())   # x * a + b normalises
+        self.a, self.b = (t.to(self.device) for t in fmt.affine())   # x * a + b normalises
         h, w, p = self.height, self.width, self.pad
         self._rows = torch.arange(h, device=self.device)
         self._cols = torch.arange(w, device=self.device)

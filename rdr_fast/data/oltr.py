@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .common import DataNotFoundError, LTDataset, class_splits, fix_hint, noisy_counts
-from .spec import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT, ImageSpec
+from .image_format import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT, ImageFormat
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # also used for Places-LT
 LIST_PREFIX = {"imagenet_lt": "ImageNet_LT", "places_lt": "Places_LT"}
@@ -17,22 +17,22 @@ class ListImageDataset(torch.utils.data.Dataset):
     """Images listed by path, opened with PIL on access.
 
     paths: absolute file paths; targets / clean_targets: int64 [N] re-indexed labels.
-    spec: an ImageSpec of kind "files"; its augment picks the torchvision transform
+    fmt: an ImageFormat of kind "files"; its augment picks the torchvision transform
       (torchvision_transform). Item i: (transformed RGB image float32 [3, H, W], int
       label). An unreadable image raises DataNotFoundError naming the file (not a bare
       PIL/OS error from a worker).
     """
 
-    def __init__(self, paths, targets, spec: ImageSpec, clean_targets=None):
-        if spec.kind != "files":
-            raise ValueError(f"spec.kind must be 'files' for a list of image paths, "
-                             f"got {spec.kind!r}")
+    def __init__(self, paths, targets, fmt: ImageFormat, clean_targets=None):
+        if fmt.kind != "files":
+            raise ValueError(f"fmt.kind must be 'files' for a list of image paths, "
+                             f"got {fmt.kind!r}")
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
         self.clean_targets = (self.targets.clone() if clean_targets is None else
                               torch.as_tensor(np.asarray(clean_targets), dtype=torch.int64))
-        self.spec = spec
-        self.transform = torchvision_transform(spec)
+        self.image_format = fmt
+        self.transform = torchvision_transform(fmt)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -70,25 +70,25 @@ def read_list(path: str):
     return rels, np.asarray(labels, dtype=np.int64)
 
 
-def image_spec(image_size: int, train: bool) -> ImageSpec:
+def image_format(image_size: int, train: bool) -> ImageFormat:
     """The OLTR recipe: ImageNet statistics (for Places-LT too), square crops of
     image_size; train: random-resized crop + flip + colour jitter, test: resize + centre crop."""
-    return ImageSpec(kind="files", size=(image_size, image_size), channels=3,
+    return ImageFormat(kind="files", size=(image_size, image_size), channels=3,
                      mean=IMAGENET_NORM[0], std=IMAGENET_NORM[1],
                      augment="resized_crop_flip_jitter" if train else "none")
 
 
-def torchvision_transform(spec: ImageSpec):
-    """The torch path's transform for a file spec; Resize keeps the 256/224 ratio when
+def torchvision_transform(fmt: ImageFormat):
+    """The torch path's transform for a files format; Resize keeps the 256/224 ratio when
     the crop is not 224."""
     from torchvision import transforms as T
-    norm = T.Normalize(spec.mean, spec.std)
-    if spec.augment == "resized_crop_flip_jitter":
-        return T.Compose([T.RandomResizedCrop(spec.size, scale=RESIZED_CROP_AREA,
+    norm = T.Normalize(fmt.mean, fmt.std)
+    if fmt.augment == "resized_crop_flip_jitter":
+        return T.Compose([T.RandomResizedCrop(fmt.size, scale=RESIZED_CROP_AREA,
                                               ratio=RESIZED_CROP_ASPECT),
                           T.RandomHorizontalFlip(), T.ColorJitter(*(COLOR_JITTER,) * 3),
                           T.ToTensor(), norm])
-    return T.Compose([T.Resize(spec.resize_shorter), T.CenterCrop(spec.size), T.ToTensor(), norm])
+    return T.Compose([T.Resize(fmt.resize_shorter), T.CenterCrop(fmt.size), T.ToTensor(), norm])
 
 
 def _find_lists(name: str, data_root):
@@ -126,9 +126,9 @@ def load_oltr_lt(name, data_root, *, noise_ratio, seed, train_transform, image_r
             raise DataNotFoundError(f"{name}: image {p} (first entry of {lst}) not found under "
                                     f"image root {image_root}. " + fix_hint(name))
     noisy, clean, counts = noisy_counts(remap[tr_y], noise_ratio, num_classes, seed)
-    train = ListImageDataset(tr_paths, noisy, image_spec(image_size, train=train_transform),
+    train = ListImageDataset(tr_paths, noisy, image_format(image_size, train=train_transform),
                              clean_targets=clean)
-    test = ListImageDataset(te_paths, remap[te_y], image_spec(image_size, train=False))
+    test = ListImageDataset(te_paths, remap[te_y], image_format(image_size, train=False))
     label_map = {c: int(remap[c]) for c in range(num_classes)}
     return LTDataset(name=name, train=train, test=test, class_counts=counts,
                      splits=class_splits(name, num_classes), in_channels=3,

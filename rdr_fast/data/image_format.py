@@ -1,8 +1,8 @@
-"""ImageSpec: how a split's images are stored and transformed.
+"""ImageFormat: how a split's images are stored and transformed.
 
-Each dataset builder fills one in per split (`ds.train.spec`, `ds.test.spec`), and each
+Each dataset builder fills one in per split (`ds.train.image_format`, `ds.test.image_format`), and each
 loader (torch, gpu-resident, DALI) picks its transforms from it, so no loader needs to
-know a dataset's class or private fields. docs/datasets.md lists the specs of every
+know a dataset's class or private fields. docs/datasets.md lists the formats of every
 benchmark.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ COLOR_JITTER = 0.4
 
 
 @dataclass(frozen=True)
-class ImageSpec:
+class ImageFormat:
     """What a loader needs to know about a split's images.
 
     kind: "tensor": uint8 [N, C, H, W] in memory (the dataset's `images`), raw values in
