@@ -54,8 +54,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .distributed import average_
-from .losses import RDRLoss
+from ..distributed import average_
+from ..losses import RDRLoss
 
 VARIANTS = ("none", "sam", "asam", "imbsam", "ccsam", "sam_k", "looksam")
 # Default ρ per variant: SAM's CIFAR value; ASAM's official CIFAR-10 value; for ccsam ρ is
