@@ -1,10 +1,14 @@
 """rdr_fast.sam against hand-written references on a small float64 model (docs/algorithm.md, "SAM family")."""
 from __future__ import annotations
 
+import ast
 import copy
+import io
 import json
 import os
+import tokenize
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -446,6 +450,49 @@ def test_wraps_an_optimizer_instance_and_validates():
         first_backward(model, crit, x, y)
         opt.step()
 
+
+def code_lines(path):
+    """Lines of ``path`` that hold code or docstrings: not blank, not only a comment."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    return {line for t in tokens if t.type not in skip for line in range(t.start[0], t.end[0] + 1)}
+
+
+def test_core_is_small_and_ccsam_is_no_weight_perturbing_sam():
+    assert len(code_lines(Path(sam.core.__file__))) <= 150
+    model = Tiny().double()
+    ccsam = make("ccsam", model)
+    assert isinstance(ccsam, sam.OptimizerWrapper) and not isinstance(ccsam, sam.SAM)
+    assert not hasattr(ccsam, "restore")                      # it never moves the weights
+
+
+class DuckCE:
+    """A reweighting criterion that is not an RDRLoss: plain CE with unit weights."""
+
+    last_weights = None
+
+    def __call__(self, features, logits, targets):
+        self.last_weights = torch.ones(len(targets), dtype=logits.dtype)
+        return self.loss_from_weights(logits, targets, self.last_weights)
+
+    def loss_from_weights(self, logits, targets, weights):
+        return (F.cross_entropy(logits, targets, reduction="none") * weights).mean()
+
+
+def test_optimizers_need_the_criterion_interface_not_rdrloss():
+    for path in Path(sam.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+                assert not any("losses" in n or n == "RDRLoss" for n in names), (path.name, names)
+    model, crit, x, y = setup("none")
+    duck_model = copy.deepcopy(model)
+    assert isinstance(DuckCE(), sam.ReweightingCriterion)
+    train_step(make("imbsam", model), model, crit, x, y)
+    train_step(make("imbsam", duck_model), duck_model, DuckCE(), x, y)
+    assert_same(params_of(model), params_of(duck_model))
+    with pytest.raises(TypeError, match="reweighting criterion"):
+        train_step(make("ccsam", model), model, lambda f, logits, t: F.cross_entropy(logits, t), x, y)
 
 
 def test_train_cli_with_sam_end_to_end_and_exact_resume(tmp_path):
