@@ -18,7 +18,8 @@ checkpoints resume exactly.
 
 Where each piece lives: ``core`` (SAM / ASAM: first step, restore, second step),
 ``sam_k``, ``looksam``, ``imbsam``, ``ccsam`` (one variant each), ``wrapper`` (the base
-shared by SAM and CC-SAM), ``batchnorm`` (freezing BatchNorm running statistics) and
+shared by SAM and CC-SAM), ``batchnorm`` (freezing BatchNorm running statistics),
+``_foreach`` (the global norm, one CPU thread for the foreach work) and
 ``_criterion`` (what the optimizers need from a criterion).
 
 What one step costs (F+B = one forward and backward of the model) and keeps:
