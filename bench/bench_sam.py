@@ -31,6 +31,7 @@ import torch
 import rdr_fast
 from rdr_fast import sam
 from rdr_fast.models import resnet32
+from rdr_fast.training import train_step
 from conftest import long_tail_labels
 
 BATCH, NUM_CLASSES, K = 128, 100, 5
@@ -99,7 +100,7 @@ def make_step(method: str, rdr: bool):
         naive = NaiveSAM(model)
         return lambda: naive.step(crit, images, labels)
     opt = sam.make_optimizer("none" if method == "sgd" else method, model, counts, k=K, **SGD)
-    return lambda: sam.train_step(opt, model, crit, images, labels)
+    return lambda: train_step(opt, model, crit, images, labels)
 
 
 def make_cycle(method: str, rdr: bool):
@@ -119,7 +120,7 @@ def assert_fused_equals_naive(rdr: bool, steps: int = 2) -> None:
     opt = sam.make_optimizer("sam", model, counts, **SGD)
     naive = NaiveSAM(model2)
     for _ in range(steps):
-        sam.train_step(opt, model, crit, images, labels)
+        train_step(opt, model, crit, images, labels)
         naive.step(crit2, images, labels)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b), "fused SAM differs from the naive reference"

@@ -239,6 +239,7 @@ def bench_steps(rows, device, batch, reps, deadline, warmup=3):
     import rdr_fast
     from rdr_fast import sam
     from rdr_fast.models import resnet32
+    from rdr_fast.training import train_step
 
     num_classes = 100
     g = torch.Generator().manual_seed(0)
@@ -273,7 +274,7 @@ def bench_steps(rows, device, batch, reps, deadline, warmup=3):
                     return features.float(), logits.float()
 
                 def step(opt=opt, crit=crit, forward=forward):
-                    return sam.train_step(opt, forward, crit, images, labels)
+                    return train_step(opt, forward, crit, images, labels)
                 timer = (lambda: timed(step, device, reps, warmup)) if mode == "eager" else \
                     (lambda: timed_graph(step, reps))
                 record(rows, "step", shape, name, mode, timer, precision="bf16-autocast" if amp else "fp32")

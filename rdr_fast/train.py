@@ -25,7 +25,8 @@ from tqdm import tqdm
 from . import RDRLoss, distributed, run_io
 from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
 from .models import MODELS, build_model, default_model
-from .sam import VARIANTS, make_optimizer, train_step
+from .sam import VARIANTS, make_optimizer
+from .training import train_step
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ def test_torchrun_two_processes_match_one_and_resume_with_other_world_size(tmp_p
 
 
 def _sam_worker(rank, init_file, out_dir):
-    from rdr_fast.sam import make_optimizer, train_step
+    from rdr_fast.sam import make_optimizer
+    from rdr_fast.training import train_step
     _init(rank, init_file)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5)).double()

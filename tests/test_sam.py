@@ -1,10 +1,14 @@
-"""rdr_fast.sam against hand-written references on a small float64 model (SPEC §4)."""
+"""rdr_fast.sam against hand-written references on a small float64 model (docs/algorithm.md, "SAM family")."""
 from __future__ import annotations
 
+import ast
 import copy
+import io
 import json
 import os
+import tokenize
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from torch import nn
 
 from conftest import HostReads
 from rdr_fast import RDRLoss, functional, sam
+from rdr_fast.training import train_step
 
 COUNTS = [60, 30, 15, 8, 4, 2]           # tail (< 20 samples): classes 2..5
 LR, MOMENTUM, WD, RHO = 0.1, 0.9, 1e-2, 0.2
@@ -218,7 +223,7 @@ def test_step_equals_hand_written_reference(case, reweight):
     opt = make(name, model, **kwargs)
     ref_sgd = torch.optim.SGD(ref_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     for _ in range(3):   # momentum and weight decay at the unperturbed point
-        sam.train_step(opt, model, crit, x, y)
+        train_step(opt, model, crit, x, y)
         reference(ref_model, ref_sgd, ref_crit, x, y, RHO)
     assert_same(params_of(model), params_of(ref_model))
     for buf in ("running_mean", "running_var"):
@@ -255,7 +260,7 @@ def test_fused_sam_is_bit_identical_to_naive_loop():
     opt = make("sam", model)
     ref_sgd = torch.optim.SGD(ref_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     for _ in range(2):
-        sam.train_step(opt, model, crit, x, y)
+        train_step(opt, model, crit, x, y)
         naive_sam_step(ref_model, ref_sgd, ref_crit, x, y, RHO)
     assert_same(params_of(model), params_of(ref_model), exact=True)
 
@@ -272,7 +277,7 @@ def test_rdr_sam_reuses_first_pass_weights_and_updates_prototypes_once(monkeypat
     monkeypatch.setattr(functional, "loss_from_weights", spy)
     opt = make("sam", model)
     step0 = int(crit.step)
-    sam.train_step(opt, model, crit, x, y)
+    train_step(opt, model, crit, x, y)
     assert len(seen_weights) == 2                            # one loss per pass
     assert torch.equal(seen_weights[0], seen_weights[1])
     assert torch.equal(seen_weights[1], crit.last_weights)
@@ -290,13 +295,13 @@ def test_bn_running_stats_only_change_in_first_pass():
     probe = copy.deepcopy(model)
     probe(x)                                                  # one train-mode forward at w
     bn, expect = model.body[1], probe.body[1]
-    sam.train_step(make("sam", model), model, crit, x, y)
+    train_step(make("sam", model), model, crit, x, y)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(bn, name), getattr(expect, name)), name
     assert bn.track_running_stats
 
     model, crit, x, y = setup()
-    sam.train_step(make("sam", model, freeze_bn=False), model, crit, x, y)
+    train_step(make("sam", model, freeze_bn=False), model, crit, x, y)
     assert int(model.body[1].num_batches_tracked) == 2
     assert not torch.equal(model.body[1].running_mean, expect.running_mean)
 
@@ -323,16 +328,16 @@ def test_sam_k_runs_sam_every_k_steps_and_sgd_between():
     passes = []
     for step in range(6):
         n = len(calls)
-        sam.train_step(opt, forward, crit, x, y)
+        train_step(opt, forward, crit, x, y)
         passes.append(len(calls) - n)
         if step == 0:
-            sam.train_step(sam_opt, sam_model, sam_crit, x, y)
+            train_step(sam_opt, sam_model, sam_crit, x, y)
             assert_same(params_of(model), params_of(sam_model))
             sgd_model.load_state_dict(model.state_dict())
             sgd.load_state_dict(copy.deepcopy(opt.base_optimizer.state_dict()))
             sgd_crit.load_state_dict(crit.state_dict())
         elif step in (1, 2):
-            sam.train_step(sgd, sgd_model, sgd_crit, x, y)
+            train_step(sgd, sgd_model, sgd_crit, x, y)
             assert_same(params_of(model), params_of(sgd_model))
     assert passes == [2, 1, 1, 2, 1, 1]
 
@@ -353,13 +358,13 @@ def test_looksam_update_rule():
     g_sq = sum((b * b).sum() for b in g)
     g_v = [a - dot / g_sq * b for a, b in zip(g_s, g)]
     g_v_norm = torch.sqrt(sum((t * t).sum() for t in g_v))
-    sam.train_step(opt, model, crit, x, y)
+    train_step(opt, model, crit, x, y)
     assert_same(params_of(model), params_of(ref_model))
     direction = [opt._direction[p] for p in model.parameters()]
     assert_same(direction, [t / g_v_norm for t in g_v])
     # Step 1: one pass; the update uses g + α‖g‖ĝ_v.
     forward, calls = counting(model)
-    sam.train_step(opt, forward, crit, x, y)
+    train_step(opt, forward, crit, x, y)
     assert len(calls) == 1
     ref_sgd.zero_grad()
     first_backward(ref_model, ref_crit, x, y)
@@ -379,8 +384,8 @@ def test_imbsam_tail_split_and_tail_less_batch_is_sgd():
     assert opt.is_tail.tolist() == [c < 20 for c in COUNTS]
     y = y % 2                                                 # head classes only
     sgd_model, sgd_crit = copy.deepcopy(model), copy.deepcopy(crit)
-    sam.train_step(opt, model, crit, x, y)
-    sam.train_step(make("none", sgd_model), sgd_model, sgd_crit, x, y)
+    train_step(opt, model, crit, x, y)
+    train_step(make("none", sgd_model), sgd_model, sgd_crit, x, y)
     assert_same(params_of(model), params_of(sgd_model))
 
 
@@ -395,7 +400,7 @@ def test_steps_read_no_device_value_on_the_host(name):
     opt = make(name, model, k=2)
     for _ in range(2):
         with HostReads() as mode:
-            sam.train_step(opt, model, crit, x, y)
+            train_step(opt, model, crit, x, y)
         assert mode.reads == []
 
 
@@ -406,15 +411,15 @@ def test_state_dict_round_trip_resumes_exactly(name):
     model, crit, x, y = setup()
     opt = make(name, model, k=2)
     for _ in range(3):
-        sam.train_step(opt, model, crit, x, y)
+        train_step(opt, model, crit, x, y)
     state = copy.deepcopy(opt.state_dict())
     assert state["base"]["state"], "momentum buffers must be saved"
     model2, crit2 = copy.deepcopy(model), copy.deepcopy(crit)
     opt2 = make(name, model2, k=2)
     opt2.load_state_dict(state)
     for _ in range(3):
-        sam.train_step(opt, model, crit, x, y)
-        sam.train_step(opt2, model2, crit2, x, y)
+        train_step(opt, model, crit, x, y)
+        train_step(opt2, model2, crit2, x, y)
     assert_same(params_of(model), params_of(model2), exact=True)
     with pytest.raises(ValueError):
         opt2.load_state_dict(opt.base_optimizer.state_dict())
@@ -425,7 +430,7 @@ def test_scheduler_and_base_optimizer_share_groups(recwarn):
     opt = make("looksam", model)
     assert opt.param_groups is opt.base_optimizer.param_groups
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    sam.train_step(opt, model, crit, x, y)
+    train_step(opt, model, crit, x, y)
     scheduler.step()
     assert opt.base_optimizer.param_groups[0]["lr"] == LR / 2
     opt.load_state_dict(opt.state_dict())
@@ -436,7 +441,7 @@ def test_scheduler_and_base_optimizer_share_groups(recwarn):
 def test_wraps_an_optimizer_instance_and_validates():
     model, crit, x, y = setup()
     opt = sam.SAM(None, torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, model=model)
-    sam.train_step(opt, model, crit, x, y)
+    train_step(opt, model, crit, x, y)
     with pytest.raises(ValueError, match="rho"):
         sam.SAM(model.parameters(), torch.optim.SGD, lr=LR, rho=-1)
     with pytest.raises(ValueError, match="variant"):
@@ -444,6 +449,50 @@ def test_wraps_an_optimizer_instance_and_validates():
     with pytest.raises(ValueError, match="closure"):
         first_backward(model, crit, x, y)
         opt.step()
+
+
+def code_lines(path):
+    """Lines of ``path`` that hold code or docstrings: not blank, not only a comment."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    return {line for t in tokens if t.type not in skip for line in range(t.start[0], t.end[0] + 1)}
+
+
+def test_core_is_small_and_ccsam_is_no_weight_perturbing_sam():
+    assert len(code_lines(Path(sam.core.__file__))) <= 150
+    model = Tiny().double()
+    ccsam = make("ccsam", model)
+    assert isinstance(ccsam, sam.OptimizerWrapper) and not isinstance(ccsam, sam.SAM)
+    assert not hasattr(ccsam, "restore")                      # it never moves the weights
+
+
+class DuckCE:
+    """A reweighting criterion that is not an RDRLoss: plain CE with unit weights."""
+
+    last_weights = None
+
+    def __call__(self, features, logits, targets):
+        self.last_weights = torch.ones(len(targets), dtype=logits.dtype)
+        return self.loss_from_weights(logits, targets, self.last_weights)
+
+    def loss_from_weights(self, logits, targets, weights):
+        return (F.cross_entropy(logits, targets, reduction="none") * weights).mean()
+
+
+def test_optimizers_need_the_criterion_interface_not_rdrloss():
+    for path in Path(sam.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [getattr(node, "module", None) or ""] + [a.name for a in node.names]
+                assert not any("losses" in n or n == "RDRLoss" for n in names), (path.name, names)
+    model, crit, x, y = setup("none")
+    duck_model = copy.deepcopy(model)
+    assert isinstance(DuckCE(), sam.ReweightingCriterion)
+    train_step(make("imbsam", model), model, crit, x, y)
+    train_step(make("imbsam", duck_model), duck_model, DuckCE(), x, y)
+    assert_same(params_of(model), params_of(duck_model))
+    with pytest.raises(TypeError, match="reweighting criterion"):
+        train_step(make("ccsam", model), model, lambda f, logits, t: F.cross_entropy(logits, t), x, y)
 
 
 def test_train_cli_with_sam_end_to_end_and_exact_resume(tmp_path):
