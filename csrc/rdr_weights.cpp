@@ -30,7 +30,7 @@
 namespace {
 
 constexpr const char* kOp = "rdr_weights_and_update";
-constexpr double kRatioFloor = 1e-9;         // SPEC §2: r ← max(r, 1e-9)
+constexpr double kRatioFloor = 1e-9;  // r ← max(r, floor): RATIO_FLOOR of rdr_fast/constants.py
 // Multiply-adds (~100 µs on one core) below which a second thread costs more than it saves:
 // an OpenMP fork/join is a few µs on an idle machine and far more on a busy one.
 constexpr int64_t kParallelWork = 1 << 18;

@@ -230,7 +230,8 @@ if HAS_TRITON:
                 for i0 in range(0, b, BS):
                     rows = i0 + ri
                     idx = tl.load(order_ptr + start + rows, mask=rows < b, other=0)
-                    # floor 1e-9 (SPEC §2); a bare 1e-9 would be a float32 constant in Triton
+                    # RATIO_FLOOR of rdr_fast/constants.py, repeated (a kernel cannot read a Python
+                    # global); a bare 1e-9 would be a float32 constant in Triton
                     floor = tl.full((BS,), 1e-9, tl.float64)
                     w = tl.maximum(tl.load(w_ptr + idx, mask=rows < b, other=1.0), floor) * factor
                     if POW:

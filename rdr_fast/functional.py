@@ -16,9 +16,7 @@ import torch
 
 from . import _checks, ops  # noqa: F401  (ops registers the custom ops)
 from . import torch_impl
-
-REWEIGHT_MODES = ("none", "inv_freq", "cb", "rdr")
-BASE_LOSSES = ("ce", "focal", "la")
+from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES  # noqa: F401  (re-exported)
 
 
 def class_factors(class_counts, reweight: str = "rdr", beta: float = 0.9999) -> torch.Tensor:
@@ -41,7 +39,7 @@ def log_prior(class_counts) -> torch.Tensor:
     return torch.log(counts / counts.sum())
 
 
-def density_ratios(features, labels, prototypes, seen, ridge: float = 1e-5, validate=None) -> torch.Tensor:
+def density_ratios(features, labels, prototypes, seen, ridge: float = DEFAULT_RIDGE, validate=None) -> torch.Tensor:
     """Per-sample density ratios r_j (SPEC §2 step 1), without any state change.
 
     Arguments:
@@ -55,7 +53,7 @@ def density_ratios(features, labels, prototypes, seen, ridge: float = 1e-5, vali
 
 
 def rdr_weights_and_update(features, labels, prototypes, seen, class_counts, *, reweight: str = "rdr",
-                           temperature: float = 1.0, beta: float = 0.9999, ridge: float = 1e-5,
+                           temperature: float = 1.0, beta: float = 0.9999, ridge: float = DEFAULT_RIDGE,
                            momentum: float = 0.9, warmup: bool = False, update: bool = True,
                            validate=None) -> torch.Tensor:
     """SPEC §2 steps 1, 2 and 4 in one op: weights from the current prototypes, then (if
@@ -125,7 +123,7 @@ def loss_from_weights(logits, labels, weights, *, logit_adjust=None, focal_gamma
     return loss
 
 
-def check_hyperparameters(*, temperature=1.0, ridge=1e-5, momentum=0.9, beta=0.9999, focal_gamma=1.0,
+def check_hyperparameters(*, temperature=1.0, ridge=DEFAULT_RIDGE, momentum=0.9, beta=0.9999, focal_gamma=1.0,
                           tau=1.0) -> None:
     """ValueError for any out-of-range RDR hyperparameter."""
     _checks.check_range("temperature", temperature, 0.0, float("inf"))

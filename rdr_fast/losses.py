@@ -6,6 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _checks, functional, torch_impl
+from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, compute_dtype
 
 
 class RDRLoss(nn.Module):
@@ -42,11 +43,11 @@ class RDRLoss(nn.Module):
     def __init__(self, class_counts, feat_dim: int, base: str = "ce", reweight: str = "rdr",
                  momentum: float = 0.9, temperature: float = 1.0, warmup_steps: int = 0,
                  tau: float = 1.0, focal_gamma: float = 1.0, beta: float = 0.9999,
-                 ridge: float = 1e-5, validate: bool | None = None, sync_prototypes: bool = True):
+                 ridge: float = DEFAULT_RIDGE, validate: bool | None = None, sync_prototypes: bool = True):
         super().__init__()
         counts = _checks.as_class_counts(class_counts)
-        _checks.check_choice("base", base, functional.BASE_LOSSES)
-        _checks.check_choice("reweight", reweight, functional.REWEIGHT_MODES)
+        _checks.check_choice("base", base, BASE_LOSSES)
+        _checks.check_choice("reweight", reweight, REWEIGHT_MODES)
         if not isinstance(feat_dim, int) or feat_dim <= 0:
             raise ValueError(f"feat_dim must be a positive int, got {feat_dim!r}")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -104,7 +105,7 @@ class RDRLoss(nn.Module):
 
     def _update_from_global_batch(self, features, targets) -> None:
         """The prototype update of the global batch: one all-reduce of [C, K+1]."""
-        z = features.to(torch_impl.compute_dtype(features.dtype))
+        z = features.to(compute_dtype(features.dtype))
         sums = torch_impl.class_sums(z, targets, self.num_classes)
         dist.all_reduce(sums)
         torch_impl.update_prototypes_from_sums_(self.prototypes, self.seen, sums, self.momentum)

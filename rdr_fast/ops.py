@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from . import torch_impl
+from .constants import compute_dtype
 
 LIB = torch.library.Library("rdr_fast", "FRAGMENT")
 LIB.define(
@@ -46,13 +47,13 @@ def _(features, labels, prototypes, seen, class_factors, ridge, temperature, mom
       uniform, update):
     torch._check(features.dim() == 2 and labels.dim() == 1 and labels.shape[0] == features.shape[0])
     torch._check(prototypes.dim() == 2 and prototypes.shape[1] == features.shape[1])
-    return features.new_empty(features.shape[0], dtype=torch_impl.compute_dtype(features.dtype))
+    return features.new_empty(features.shape[0], dtype=compute_dtype(features.dtype))
 
 
 @torch.library.register_fake("rdr_fast::weighted_loss")
 def _(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
     torch._check(logits.dim() == 2 and labels.shape[0] == logits.shape[0])
-    loss = logits.new_empty((), dtype=torch_impl.compute_dtype(logits.dtype))
+    loss = logits.new_empty((), dtype=compute_dtype(logits.dtype))
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, grad
 
@@ -99,7 +100,7 @@ def _loss_reference(logits, labels, weights, logit_adjust, focal_gamma, compute_
     """Reference loss with autograd's gradient, for RDR_FAST_IMPL=reference."""
     from . import reference
 
-    x = logits.detach().to(torch_impl.compute_dtype(logits.dtype)).requires_grad_(True)
+    x = logits.detach().to(compute_dtype(logits.dtype)).requires_grad_(True)
     adjusted = x if logit_adjust is None else x + logit_adjust.to(x.dtype)
     base = "ce" if focal_gamma == 0.0 else "focal"
     losses = reference.per_sample_loss_ref(adjusted, labels, base, focal_gamma=focal_gamma)

@@ -8,7 +8,7 @@ Nothing imports this module at training time.
 Choices the paper leaves open, fixed here (and mirrored by every fast path):
 - Ridge: λ_c = ridge · trace(X_c X_cᵀ) / b_c. When a class block is all zeros the
   trace is 0; λ_c is then taken as 1 (any positive value gives the same answer, r = 0,
-  clamped to 1e-9), so the system is always solvable.
+  clamped to RATIO_FLOOR), so the system is always solvable.
 - System size: the b_c×b_c form is solved when b_c ≤ K, the K×K form otherwise.
 - Precision: the least-squares systems are solved in float64 whatever the input dtype.
   With a ridge of 1e-5 they are ill-conditioned by design (condition number up to about
@@ -21,14 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-RATIO_FLOOR = 1e-9
-REWEIGHT_MODES = ("none", "inv_freq", "cb", "rdr")
-BASE_LOSSES = ("ce", "focal", "la")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .constants import DEFAULT_RIDGE, RATIO_FLOOR, compute_dtype
 
 
 def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -52,7 +45,7 @@ def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: flo
     return b * coef
 
 
-def density_ratios_ref(features, labels, prototypes, seen, ridge: float = 1e-5) -> torch.Tensor:
+def density_ratios_ref(features, labels, prototypes, seen, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     """SPEC §2 step 1: one density ratio per sample, [B], in the compute dtype."""
     z = features.detach().to(torch.float64)
     protos = prototypes.detach().to(torch.float64)
@@ -124,7 +117,7 @@ def per_sample_loss_ref(logits, labels, base: str = "ce", class_counts=None, tau
 
 
 def rdr_loss_ref(features, logits, labels, prototypes, seen, class_counts, *, base="ce", reweight="rdr",
-                 temperature=1.0, beta=0.9999, tau=1.0, focal_gamma=1.0, ridge=1e-5, momentum=0.9,
+                 temperature=1.0, beta=0.9999, tau=1.0, focal_gamma=1.0, ridge=DEFAULT_RIDGE, momentum=0.9,
                  warmup=False, update=True):
     """One whole RDR step (SPEC §2 steps 1-4) as the spec orders them.
 

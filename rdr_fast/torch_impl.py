@@ -20,12 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-RATIO_FLOOR = 1e-9  # SPEC §2: r ← max(r, 1e-9)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; fp32, bf16 and fp16 are computed in float32 (SPEC §2)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .constants import RATIO_FLOOR, compute_dtype
 
 
 class BatchClasses(NamedTuple):

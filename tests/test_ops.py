@@ -10,7 +10,8 @@ import torch
 
 import rdr_fast
 from rdr_fast import functional as Fn
-from rdr_fast import torch_impl
+from rdr_fast import ops, torch_impl
+from rdr_fast.constants import RATIO_FLOOR
 from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
 
@@ -56,6 +57,43 @@ def test_gradcheck_weighted_loss(base):
     def fn(x):
         return Fn.weighted_loss(x, labels, weights, base=base, class_counts=[30, 10, 3, 1], focal_gamma=1.5)
     assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def weights_kernel(backend: str):
+    """The CPU kernel of ``rdr_weights_and_update`` of one backend, with the op's signature.
+    "op" is what the op dispatches to on the CPU (C++ when rdr_fast._C is built); "triton"
+    runs in Triton's interpreter."""
+    if backend == "op":
+        return torch.ops.rdr_fast.rdr_weights_and_update.default
+    if backend == "torch":
+        return torch_impl.rdr_weights_and_update_torch
+    if backend == "reference":
+        return ops._weights_reference
+    pytest.importorskip("triton")
+    from rdr_fast.kernels import rdr_weights_and_update_triton
+    return rdr_weights_and_update_triton
+
+
+WEIGHT_BACKENDS = ["op", "torch", "reference", "triton"]
+
+
+def backend_id(backend: str) -> str:
+    return f"op-{rdr_fast.backends()['rdr_weights_and_update']['cpu']}" if backend == "op" else backend
+
+
+@pytest.mark.parametrize("backend", WEIGHT_BACKENDS, ids=backend_id)
+def test_every_backend_clamps_ratios_at_the_shared_floor(backend):
+    """C++ and Triton repeat rdr_fast.constants.RATIO_FLOOR as a literal: an all-zero class
+    (ratio 0, clamped) next to a class never seen (ratio 1) gives weights in the ratio
+    RATIO_FLOOR : 1 on every backend."""
+    features = torch.zeros(4, 3, dtype=torch.float64)
+    features[2:] = torch.randn(2, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    protos, seen = torch.randn(2, 3, dtype=torch.float64), torch.tensor([True, False])
+    weights = weights_kernel(backend)(features, labels, protos, seen, torch.ones(2, dtype=torch.float64), 1e-5,
+                                      1.0, 0.9, True, False, False)
+    torch.testing.assert_close(weights[:2] / weights[2:], torch.full((2,), RATIO_FLOOR, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
 
 
 def test_backends_are_reported():
