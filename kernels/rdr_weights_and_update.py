@@ -1,4 +1,5 @@
-"""Triton kernels for ``rdr_fast::rdr_weights_and_update`` (SPEC §2 steps 1, 2 and 4).
+"""Triton kernels for ``rdr_fast::rdr_weights_and_update``: density ratios, weights and the
+prototype update (docs/algorithm.md, "Density ratios", "Weights", "Prototype update").
 
 Launch sequence, with no host synchronisation (nothing reads a tensor value on the host):
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import check_weight_mode
 from ._utils import HAS_TRITON, launchable, next_power_of_2, on_device
 
 if HAS_TRITON:
@@ -63,8 +65,8 @@ if HAS_TRITON:
         Scalars: seen_stride, K, LD; ridge (λ_c = ridge·‖X_c‖²/b_c, 1 when that is 0),
             temperature γ, momentum μ (the last three float64).
         Constexprs:
-            SOLVE: compute density ratios (reweight "rdr"); else r ≡ 1.
-            WEIGHTS: write weights at all (False for uniform weights: update only).
+            SOLVE: compute density ratios (mode "density_ratio"); else r ≡ 1.
+            WEIGHTS: write weights at all (False for mode "uniform": update only).
             UPDATE: momentum-update the prototype and set seen.
             POW: γ ≠ 1 (apply the temperature).
             BS: block size of the Cholesky (rows/columns of a register tile), ≥ 16.
@@ -290,9 +292,9 @@ def _block_sizes(device: torch.device) -> tuple[int, int, int]:
 
 
 def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_factors, ridge: float,
-                                  temperature: float, momentum: float, use_ratios: bool, uniform: bool,
-                                  update: bool) -> torch.Tensor:
-    """Steps 1, 2 and 4 of SPEC §2 (the op ``rdr_fast::rdr_weights_and_update``).
+                                  temperature: float, momentum: float, mode: str, update: bool) -> torch.Tensor:
+    """The op ``rdr_fast::rdr_weights_and_update``: density ratios, weights and the prototype
+    update (docs/algorithm.md, "Density ratios", "Weights", "Prototype update").
 
     Arguments:
         features: [B, K] floating (any dtype; upcast to float64 inside).
@@ -300,10 +302,14 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
         prototypes: [C, K] floating, updated in place when ``update``.
         seen: [C] bool, updated in place when ``update``.
         class_factors: [C] the per-class factor (N/n_c, CB's, or 1).
+        mode: "density_ratio", "class_factor" (r ≡ 1) or "uniform" (w ≡ 1); see
+            rdr_fast.constants.WEIGHT_MODES.
     Returns:
         weights [B] in the compute dtype (float64 for float64 features, else float32),
-        batch mean 1; ones when ``uniform``.
+        batch mean 1; ones when ``mode`` is "uniform".
     """
+    check_weight_mode(mode)
+    uniform = mode == "uniform"
     batch, dim = features.shape
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     device = features.device
@@ -314,7 +320,7 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     z = features.detach().index_select(0, order).to(torch.float64).contiguous()
     unnormalised = torch.empty(batch, dtype=torch.float64, device=device)
     ld = min(batch, dim)
-    solve = use_ratios and not uniform
+    solve = mode == "density_ratio"
     workspace = torch.empty((batch, ld) if solve else (1, 1), dtype=torch.float64, device=device)
     vec = torch.empty(2, batch if solve else 1, dtype=torch.float64, device=device)
     factors = class_factors.to(device=device, dtype=torch.float64).contiguous()

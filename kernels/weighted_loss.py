@@ -1,5 +1,5 @@
-"""Triton kernel for ``rdr_fast::weighted_loss`` (SPEC §2 step 3): the weighted loss and
-its gradient with respect to the logits in one kernel.
+"""Triton kernel for ``rdr_fast::weighted_loss`` (docs/algorithm.md, "Base losses"): the
+weighted loss and its gradient with respect to the logits in one kernel.
 
 One program per sample row. Pass 1 walks the row in chunks of BLOCK_C with an online
 log-sum-exp (running max and rescaled sum), so a 100 000-class row never has to fit in
@@ -10,7 +10,7 @@ both passes read the same cached chunk. Each program writes its weighted loss w�
 
 ℓ = −(1 − p_y)^γ log p_y with p_y = softmax(logits + adjust)_y: γ = 0 is CE, and LA
 passes adjust = τ·log π. Numerics: float64 logits are computed in float64, every other
-dtype in float32 (SPEC §2), like the PyTorch path; the gradient is stored in the logits'
+dtype in float32, like the PyTorch path; the gradient is stored in the logits'
 dtype.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _block_c(num_classes: int, device: torch.device) -> tuple[int, int]:
 
 
 def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool):
-    """Step 3 of SPEC §2 (the op ``rdr_fast::weighted_loss``).
+    """The op ``rdr_fast::weighted_loss``: the weighted loss and its gradient.
 
     Arguments:
         logits: [B, C] floating. labels: [B] int64. weights: [B] (treated as constants).

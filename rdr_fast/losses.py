@@ -1,4 +1,4 @@
-"""RDRLoss: Re-weighting with Density Ratio as an nn.Module (SPEC §2 and §6)."""
+"""RDRLoss: Re-weighting with Density Ratio as an nn.Module (docs/algorithm.md)."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _checks, functional, torch_impl
-from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, compute_dtype
+from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, compute_dtype, weight_mode
 
 
 class RDRLoss(nn.Module):
@@ -81,10 +81,11 @@ class RDRLoss(nn.Module):
         """features [B, K], logits [B, C], targets [B] int64 → scalar loss."""
         self._check_inputs(features, logits, targets)
         global_update = self.training and self.sync_prototypes and _world_size() > 1
-        weights = torch.ops.rdr_fast.rdr_weights_and_update(
-            features.detach(), targets, self.prototypes, self.seen, self.class_factors, self.ridge,
-            self.temperature, self.momentum, self.reweight == "rdr", self.reweight == "none",
-            self.training and not global_update)
+        # Warm-up is not part of the mode: it is applied below from the step buffer.
+        weights = functional.weights_from_factors(
+            features, targets, self.prototypes, self.seen, self.class_factors, mode=weight_mode(self.reweight),
+            ridge=self.ridge, temperature=self.temperature, momentum=self.momentum,
+            update=self.training and not global_update)
         if global_update:
             self._update_from_global_batch(features.detach(), targets)
         if self.warmup_steps > 0 and self.reweight != "none":

@@ -25,13 +25,14 @@ import warnings
 import torch
 
 from . import torch_impl
-from .constants import compute_dtype
+from .constants import check_weight_mode, compute_dtype
 
 LIB = torch.library.Library("rdr_fast", "FRAGMENT")
+# The weight mode is not called `mode`: torch.compile functionalises this mutating op by
+# passing its arguments as keywords to a function whose own first parameter is `mode`.
 LIB.define(
     "rdr_weights_and_update(Tensor features, Tensor labels, Tensor(a!) prototypes, Tensor(b!) seen, "
-    "Tensor class_factors, float ridge, float temperature, float momentum, bool use_ratios, "
-    "bool uniform, bool update) -> Tensor"
+    "Tensor class_factors, float ridge, float temperature, float momentum, str weight_mode, bool update) -> Tensor"
 )
 LIB.define(
     "weighted_loss(Tensor logits, Tensor labels, Tensor weights, Tensor? logit_adjust, "
@@ -43,8 +44,8 @@ BACKENDS: dict[str, dict[str, str]] = {"rdr_weights_and_update": {}, "weighted_l
 
 
 @torch.library.register_fake("rdr_fast::rdr_weights_and_update")
-def _(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum, use_ratios,
-      uniform, update):
+def _(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum, weight_mode, update):
+    check_weight_mode(weight_mode)
     torch._check(features.dim() == 2 and labels.dim() == 1 and labels.shape[0] == features.shape[0])
     torch._check(prototypes.dim() == 2 and prototypes.shape[1] == features.shape[1])
     return features.new_empty(features.shape[0], dtype=compute_dtype(features.dtype))
@@ -79,16 +80,14 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key("rdr_fast::weighted_loss",
     torch.library.register_autograd("rdr_fast::weighted_loss", _backward, setup_context=_setup_context, lib=LIB)
 
 
-def _weights_reference(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum,
-                       use_ratios, uniform, update):
+def _weights_reference(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum, mode,
+                       update):
     """The reference loop behind the op's signature (CPU only), for RDR_FAST_IMPL=reference."""
     from . import reference  # imported lazily: the reference never loads at training time
 
-    mode = "none" if uniform else ("rdr" if use_ratios else "inv_freq")
+    check_weight_mode(mode)
     ratios = reference.density_ratios_ref(features, labels, prototypes, seen, ridge)
-    factors = class_factors.to(torch.float64)
-    counts = factors.reciprocal()  # N/n_c ∝ 1/n_c: the weights normalise the scale away
-    weights = reference.sample_weights_ref(ratios, labels, counts, mode, temperature)
+    weights = reference.weights_from_factors_ref(ratios, labels, class_factors.to(torch.float64), mode, temperature)
     if update:
         new_protos, new_seen = reference.update_prototypes_ref(prototypes, seen, features, labels, momentum)
         prototypes.copy_(new_protos)

@@ -1,4 +1,4 @@
-"""The executable specification of RDR: a readable per-class loop (SPEC §2).
+"""The executable specification of RDR: a readable per-class loop (docs/algorithm.md).
 
 Every fast path in rdr_fast (the vectorised PyTorch path, the C++ and Triton kernels)
 is tested against these functions. They are slow on purpose: a Python loop over the
@@ -14,14 +14,14 @@ Choices the paper leaves open, fixed here (and mirrored by every fast path):
   With a ridge of 1e-5 they are ill-conditioned by design (condition number up to about
   b_c/ridge on duplicate rows), and a float32 Gram matrix then loses up to 1e-2 of
   relative accuracy. Everything else follows the compute dtype: float64 inputs stay
-  float64; fp32, bf16 and fp16 are computed in float32 (SPEC: "float32 at least").
+  float64; fp32, bf16 and fp16 are computed in float32 (never in less).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .constants import DEFAULT_RIDGE, RATIO_FLOOR, compute_dtype
+from .constants import DEFAULT_RIDGE, RATIO_FLOOR, compute_dtype, weight_mode
 
 
 def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -46,7 +46,8 @@ def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: flo
 
 
 def density_ratios_ref(features, labels, prototypes, seen, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
-    """SPEC §2 step 1: one density ratio per sample, [B], in the compute dtype."""
+    """One density ratio per sample, [B], in the compute dtype (docs/algorithm.md,
+    "Density ratios")."""
     z = features.detach().to(torch.float64)
     protos = prototypes.detach().to(torch.float64)
     ratios = torch.ones(len(labels), dtype=torch.float64)
@@ -72,20 +73,27 @@ def class_factors_ref(class_counts, reweight: str, beta: float = 0.9999) -> torc
 
 def sample_weights_ref(ratios, labels, class_counts, reweight: str = "rdr", temperature: float = 1.0,
                        beta: float = 0.9999, warmup: bool = False) -> torch.Tensor:
-    """SPEC §2 step 2: w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1. [B]"""
-    batch = len(labels)
-    if reweight == "none" or warmup:
-        return torch.ones(batch, dtype=ratios.dtype)
+    """w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1, for a reweighting. [B]"""
     factors = class_factors_ref(class_counts, reweight, beta)
+    return weights_from_factors_ref(ratios, labels, factors, weight_mode(reweight, warmup), temperature)
+
+
+def weights_from_factors_ref(ratios, labels, class_factors, mode: str, temperature: float = 1.0) -> torch.Tensor:
+    """w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1, for one of the op's weight
+    modes: r ≡ 1 for "class_factor", w ≡ 1 for "uniform". [B]"""
+    batch = len(labels)
+    if mode == "uniform":
+        return torch.ones(batch, dtype=ratios.dtype)
     weights = torch.empty(batch, dtype=ratios.dtype)
     for j in range(batch):
-        r = ratios[j] if reweight == "rdr" else 1.0
-        weights[j] = (r * factors[labels[j]].item()) ** temperature
+        r = ratios[j] if mode == "density_ratio" else 1.0
+        weights[j] = (r * class_factors[labels[j]].item()) ** temperature
     return weights * batch / weights.sum()
 
 
 def update_prototypes_ref(prototypes, seen, features, labels, momentum: float = 0.9):
-    """SPEC §2 step 4, out of place: returns (new_prototypes, new_seen)."""
+    """The prototype update (docs/algorithm.md, "Prototype update"), out of place:
+    returns (new_prototypes, new_seen)."""
     protos = prototypes.clone()
     seen = seen.clone()
     z = features.detach().to(compute_dtype(features.dtype))
@@ -101,7 +109,8 @@ def update_prototypes_ref(prototypes, seen, features, labels, momentum: float = 
 
 def per_sample_loss_ref(logits, labels, base: str = "ce", class_counts=None, tau: float = 1.0,
                         focal_gamma: float = 1.0) -> torch.Tensor:
-    """SPEC §2 step 3's ℓ_j, one sample at a time. [B] in the logits' compute dtype."""
+    """The base loss ℓ_j of each sample (docs/algorithm.md, "Base losses"), one sample at
+    a time. [B] in the logits' compute dtype."""
     logits = logits.to(compute_dtype(logits.dtype))
     if base == "la":
         counts = torch.as_tensor(class_counts, dtype=torch.float64)
@@ -119,7 +128,7 @@ def per_sample_loss_ref(logits, labels, base: str = "ce", class_counts=None, tau
 def rdr_loss_ref(features, logits, labels, prototypes, seen, class_counts, *, base="ce", reweight="rdr",
                  temperature=1.0, beta=0.9999, tau=1.0, focal_gamma=1.0, ridge=DEFAULT_RIDGE, momentum=0.9,
                  warmup=False, update=True):
-    """One whole RDR step (SPEC §2 steps 1-4) as the spec orders them.
+    """One whole RDR step in the algorithm's order: ratios, weights, loss, prototype update.
 
     Returns (loss, weights, new_prototypes, new_seen); the state is unchanged when
     update is False (eval mode).

@@ -11,7 +11,7 @@ import torch
 import rdr_fast
 from rdr_fast import functional as Fn
 from rdr_fast import ops, torch_impl
-from rdr_fast.constants import RATIO_FLOOR
+from rdr_fast.constants import RATIO_FLOOR, WEIGHT_MODES, weight_mode
 from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
 
@@ -19,7 +19,7 @@ def weights_args(dtype=torch.float64, batch=24, num_classes=6, dim=8):
     counts = long_tail_counts(num_classes)
     labels = long_tail_labels(batch, counts)
     return (torch.randn(batch, dim, dtype=dtype), labels, torch.randn(num_classes, dim, dtype=dtype),
-            torch.rand(num_classes) < 0.7, Fn.class_factors(counts), 1e-5, 1.0, 0.9, True, False, True)
+            torch.rand(num_classes) < 0.7, Fn.class_factors(counts), 1e-5, 1.0, 0.9, "density_ratio", True)
 
 
 def loss_args(dtype=torch.float64, requires_grad=True, adjust=False, gamma=0.0):
@@ -91,9 +91,28 @@ def test_every_backend_clamps_ratios_at_the_shared_floor(backend):
     labels = torch.tensor([0, 0, 1, 1])
     protos, seen = torch.randn(2, 3, dtype=torch.float64), torch.tensor([True, False])
     weights = weights_kernel(backend)(features, labels, protos, seen, torch.ones(2, dtype=torch.float64), 1e-5,
-                                      1.0, 0.9, True, False, False)
+                                      1.0, 0.9, "density_ratio", False)
     torch.testing.assert_close(weights[:2] / weights[2:], torch.full((2,), RATIO_FLOOR, dtype=torch.float64),
                                rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", WEIGHT_BACKENDS, ids=backend_id)
+def test_every_backend_refuses_an_unknown_mode_with_one_message(backend):
+    protos, seen = torch.zeros(2, 3), torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(ValueError) as err:
+        weights_kernel(backend)(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), protos, seen, torch.ones(2), 1e-5,
+                                1.0, 0.9, "rdr", True)
+    assert str(err.value) == f"rdr_weights_and_update: mode must be one of {WEIGHT_MODES}, got 'rdr'"
+    assert not seen.any() and not protos.any(), "refused before any state change"
+
+
+@pytest.mark.parametrize("reweight,warmup,mode", [
+    ("rdr", False, "density_ratio"), ("inv_freq", False, "class_factor"), ("cb", False, "class_factor"),
+    ("none", False, "uniform"), ("rdr", True, "uniform"), ("cb", True, "uniform")])
+def test_weight_mode_of_each_reweighting(reweight, warmup, mode):
+    assert weight_mode(reweight, warmup) == mode
+    with pytest.raises(ValueError, match="reweight must be one of"):
+        weight_mode("ldam")
 
 
 def test_backends_are_reported():
@@ -161,7 +180,7 @@ def test_torch_path_traces_without_graph_breaks(shape):
 
     def step(protos, seen):
         return torch_impl.rdr_weights_and_update_torch(features, labels, protos, seen, factors, 1e-5, 1.0, 0.9,
-                                                       True, False, True)
+                                                       "density_ratio", True)
     state = [torch.randn(num_classes, dim), torch.rand(num_classes) < 0.8]
     compiled_state = [t.clone() for t in state]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
