@@ -34,6 +34,7 @@ namespace {
 
 constexpr const char* kOp = "rdr_weights_and_update";
 constexpr double kRatioFloor = 1e-9;  // r ← max(r, floor): RATIO_FLOOR of rdr_fast/constants.py
+
 // How the weights are formed. The names, and the message for any other name, are those of
 // WEIGHT_MODES and check_weight_mode in rdr_fast/constants.py.
 enum class WeightMode { kDensityRatio, kClassFactor, kUniform };

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..constants import check_weight_mode
-from ._utils import HAS_TRITON, launchable, next_power_of_2, on_device
+from ._utils import HAS_TRITON, chosen_block_sizes, launchable, next_power_of_2, on_device
 
 if HAS_TRITON:
     import triton
@@ -287,12 +287,14 @@ def _block_sizes(device: torch.device) -> tuple[int, int, int]:
     """(BS, BK, num_warps). BS = 16 everywhere: most classes of a long-tailed batch have
     b_c ≤ 16, so one register tile covers them, and the sequential steps of a diagonal block
     are BS. On a GPU, BK = 32 and 4 warps compile for sm_90 without spills (254 registers);
-    not yet tuned on a device (bench/gpu_suite.py times alternatives)."""
+    not yet tuned on a device (bench/gpu_suite.py times alternatives through the launcher's
+    ``block_sizes``)."""
     return (16, 16, 1) if device.type == "cpu" else (16, 32, 4)
 
 
 def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_factors, ridge: float,
-                                  temperature: float, momentum: float, mode: str, update: bool) -> torch.Tensor:
+                                  temperature: float, momentum: float, mode: str, update: bool, *,
+                                  block_sizes: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The op ``rdr_fast::rdr_weights_and_update``: density ratios, weights and the prototype
     update (docs/algorithm.md, "Density ratios", "Weights", "Prototype update").
 
@@ -304,6 +306,8 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
         class_factors: [C] the per-class factor (N/n_c, CB's, or 1).
         mode: "density_ratio", "class_factor" (r ≡ 1) or "uniform" (w ≡ 1); see
             rdr_fast.constants.WEIGHT_MODES.
+        block_sizes: (BS, BK, num_warps) of the segment kernel; None: ``_block_sizes``'s
+            choice for the device.
     Returns:
         weights [B] in the compute dtype (float64 for float64 features, else float32),
         batch mean 1; ones when ``mode`` is "uniform".
@@ -325,7 +329,7 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     vec = torch.empty(2, batch if solve else 1, dtype=torch.float64, device=device)
     factors = class_factors.to(device=device, dtype=torch.float64).contiguous()
     seen_u8 = seen.view(torch.uint8)
-    bs, bk, warps = _block_sizes(device)
+    bs, bk, warps = chosen_block_sizes(block_sizes, _block_sizes(device))
     with on_device(device):
         launchable(_rdr_segment_kernel, device)[(programs,)](
             starts, order, sorted_labels, z, prototypes, prototypes.stride(0), prototypes.stride(1), seen_u8,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, launchable, next_power_of_2, on_device
+from ._utils import HAS_TRITON, chosen_block_sizes, launchable, next_power_of_2, on_device
 
 if HAS_TRITON:
     import triton
@@ -106,7 +106,8 @@ def _block_c(num_classes: int, device: torch.device) -> tuple[int, int]:
     return block, warps
 
 
-def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool):
+def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool, *,
+                         block_sizes: tuple[int, int] | None = None):
     """The op ``rdr_fast::weighted_loss``: the weighted loss and its gradient.
 
     Arguments:
@@ -114,6 +115,7 @@ def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: flo
         logit_adjust: [C] or None, added to the logits (LA's τ·log π).
         focal_gamma: γ of the focal loss; 0 gives CE.
         compute_grad: also return ∂L/∂logits.
+        block_sizes: (BLOCK_C, num_warps); None: ``_block_c``'s choice for C and the device.
     Returns:
         (L = Σ_j w_j ℓ_j / B as a 0-d tensor in the compute dtype, ∂L/∂logits [B, C] in the
         logits' dtype, or an empty tensor when not ``compute_grad``).
@@ -131,7 +133,7 @@ def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: flo
         return torch.zeros((), dtype=dtype, device=device), grad
     row_loss = torch.empty(batch, dtype=dtype, device=device)
     adjust = logit_adjust if logit_adjust is not None else row_loss  # any pointer; not read
-    block, warps = _block_c(num_classes, device)
+    block, warps = chosen_block_sizes(block_sizes, _block_c(num_classes, device))
     with on_device(device):
         launchable(_weighted_loss_kernel, device)[(batch,)](
             logits.detach(), logits.stride(0), labels, weights, adjust, row_loss, grad,

@@ -106,6 +106,29 @@ def test_every_backend_refuses_an_unknown_mode_with_one_message(backend):
     assert not seen.any() and not protos.any(), "refused before any state change"
 
 
+def test_triton_launchers_take_block_sizes():
+    """Other block sizes (run in Triton's interpreter) give the same results as the
+    defaults; malformed ones are refused by name."""
+    pytest.importorskip("triton")
+    from rdr_fast.kernels import rdr_weights_and_update_triton, weighted_loss_triton
+
+    features, labels, protos, seen, *rest = weights_args()
+    states = [(protos.clone(), seen.clone()) for _ in range(2)]
+    default, blocked = (rdr_weights_and_update_triton(features, labels, *state, *rest, block_sizes=sizes)
+                        for state, sizes in zip(states, (None, (32, 32, 1))))
+    torch.testing.assert_close(blocked, default, rtol=1e-12, atol=0)
+    torch.testing.assert_close(states[1][0], states[0][0], rtol=1e-12, atol=0)
+    logits, labels = torch.randn(3, 600, dtype=torch.float64), torch.tensor([5, 300, 599])
+    weights = torch.rand(3, dtype=torch.float64)
+    default, chunked = (weighted_loss_triton(logits, labels, weights, None, 1.5, True, block_sizes=sizes)
+                        for sizes in (None, (64, 1)))
+    torch.testing.assert_close(chunked, default, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="block_sizes must be 2 positive powers of two"):
+        weighted_loss_triton(logits, labels, weights, None, 0.0, True, block_sizes=(48, 1))
+    with pytest.raises(ValueError, match="block_sizes must be 3 positive powers of two"):
+        rdr_weights_and_update_triton(features, labels, protos, seen, *rest, block_sizes=(16, 16))
+
+
 @pytest.mark.parametrize("reweight,warmup,mode", [
     ("rdr", False, "density_ratio"), ("inv_freq", False, "class_factor"), ("cb", False, "class_factor"),
     ("none", False, "uniform"), ("rdr", True, "uniform"), ("cb", True, "uniform")])
