@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import _checks, functional, torch_impl
-from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, compute_dtype, weight_mode
+from . import _checks, distributed, functional
+from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, weight_mode
 
 
 class RDRLoss(nn.Module):
@@ -33,7 +32,7 @@ class RDRLoss(nn.Module):
         sync_prototypes: under torch.distributed (world size > 1), all-reduce the
             per-class feature sums and counts ([C, K+1], one call per step) so every rank
             applies the update of the global batch. The weights stay per rank: each rank's
-            ratios come from its local batch (see rdr_fast.distributed).
+            ratios come from its local batch (rdr_fast.distributed.update_prototypes_global_).
 
     State (buffers, saved by ``state_dict``): ``prototypes`` [C, K] float32, ``seen`` [C]
     bool, ``step`` (training calls so far), ``class_counts`` [C] int64 (checked on load).
@@ -80,14 +79,14 @@ class RDRLoss(nn.Module):
     def forward(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """features [B, K], logits [B, C], targets [B] int64 → scalar loss."""
         self._check_inputs(features, logits, targets)
-        global_update = self.training and self.sync_prototypes and _world_size() > 1
+        global_update = self.training and self.sync_prototypes and distributed.multi_rank()
         # Warm-up is not part of the mode: it is applied below from the step buffer.
         weights = functional.weights_from_factors(
             features, targets, self.prototypes, self.seen, self.class_factors, mode=weight_mode(self.reweight),
             ridge=self.ridge, temperature=self.temperature, momentum=self.momentum,
             update=self.training and not global_update)
         if global_update:
-            self._update_from_global_batch(features.detach(), targets)
+            distributed.update_prototypes_global_(self.prototypes, self.seen, features, targets, self.momentum)
         if self.warmup_steps > 0 and self.reweight != "none":
             # A tensor comparison, not `if step < warmup`: no host sync, capturable.
             weights = torch.where(self.step < self.warmup_steps, torch.ones_like(weights), weights)
@@ -103,13 +102,6 @@ class RDRLoss(nn.Module):
         gamma = self.focal_gamma if self.base == "focal" else 0.0
         return functional.loss_from_weights(logits, targets, weights, logit_adjust=self.logit_adjust,
                                             focal_gamma=gamma)
-
-    def _update_from_global_batch(self, features, targets) -> None:
-        """The prototype update of the global batch: one all-reduce of [C, K+1]."""
-        z = features.to(compute_dtype(features.dtype))
-        sums = torch_impl.class_sums(z, targets, self.num_classes)
-        dist.all_reduce(sums)
-        torch_impl.update_prototypes_from_sums_(self.prototypes, self.seen, sums, self.momentum)
 
     def _check_inputs(self, features, logits, targets) -> None:
         _checks.check_logits(logits, self.num_classes)
@@ -135,6 +127,3 @@ class RDRLoss(nn.Module):
                 f"reweight={self.reweight!r}, momentum={self.momentum}, temperature={self.temperature}, "
                 f"warmup_steps={self.warmup_steps}")
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
