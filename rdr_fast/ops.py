@@ -1,11 +1,12 @@
 """The rdr_fast custom ops: schemas, fakes, autograd and per-device dispatch.
 
-Two ops (SPEC §3), defined once here with torch.library:
+Two ops, defined once here with torch.library (docs/algorithm.md):
 
 - ``rdr_fast::rdr_weights_and_update`` — density ratios, weights and the in-place
-  prototype update (steps 1, 2 and 4) in one call. Mutates ``prototypes`` and ``seen``.
+  prototype update in one call. Mutates ``prototypes`` and ``seen``. ``weight_mode`` is
+  one of rdr_fast.constants.WEIGHT_MODES.
 - ``rdr_fast::weighted_loss`` — the weighted loss and its gradient in one pass over the
-  logits (step 3); autograd replays the saved gradient.
+  logits; autograd replays the saved gradient.
 
 Autograd for ``weighted_loss`` replays the gradient the forward computed; rdr_fast._C
 registers it in C++ (for every device) when built, else ``_backward`` below does.
@@ -14,8 +15,9 @@ Which implementation runs is decided per device at import and recorded in ``BACK
 the C++ kernels of ``rdr_fast._C`` on CPU when that extension is built, otherwise the
 vectorised PyTorch path of ``rdr_fast.torch_impl``; on CUDA the Triton kernels of
 ``rdr_fast.kernels`` when Triton is installed. ``RDR_FAST_IMPL=torch`` forces the
-PyTorch path and ``RDR_FAST_IMPL=reference`` the per-class reference loop (CPU only),
-for A/B runs.
+PyTorch path and ``RDR_FAST_IMPL=reference`` the per-class reference loop of
+``rdr_fast.reference`` (CPU only), for A/B runs. Each backend is one function per op
+with the op's signature; this module only registers them.
 """
 from __future__ import annotations
 
@@ -80,36 +82,6 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key("rdr_fast::weighted_loss",
     torch.library.register_autograd("rdr_fast::weighted_loss", _backward, setup_context=_setup_context, lib=LIB)
 
 
-def _weights_reference(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum, mode,
-                       update):
-    """The reference loop behind the op's signature (CPU only), for RDR_FAST_IMPL=reference."""
-    from . import reference  # imported lazily: the reference never loads at training time
-
-    check_weight_mode(mode)
-    ratios = reference.density_ratios_ref(features, labels, prototypes, seen, ridge)
-    weights = reference.weights_from_factors_ref(ratios, labels, class_factors.to(torch.float64), mode, temperature)
-    if update:
-        new_protos, new_seen = reference.update_prototypes_ref(prototypes, seen, features, labels, momentum)
-        prototypes.copy_(new_protos)
-        seen.copy_(new_seen)
-    return weights
-
-
-def _loss_reference(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
-    """Reference loss with autograd's gradient, for RDR_FAST_IMPL=reference."""
-    from . import reference
-
-    x = logits.detach().to(compute_dtype(logits.dtype)).requires_grad_(True)
-    adjusted = x if logit_adjust is None else x + logit_adjust.to(x.dtype)
-    base = "ce" if focal_gamma == 0.0 else "focal"
-    losses = reference.per_sample_loss_ref(adjusted, labels, base, focal_gamma=focal_gamma)
-    loss = (weights.to(x.dtype) * losses).sum() / len(labels)
-    if not compute_grad:
-        return loss.detach(), logits.new_empty(0)
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad.to(logits.dtype)
-
-
 def _has_compiled_cpu_kernel(name: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rdr_fast::{name}", "CPU")
 
@@ -159,20 +131,25 @@ def _register_backends(impl: str) -> None:
     """
     if impl == "auto" and not all(_has_compiled_cpu_kernel(name) for name in BACKENDS):
         _warn_missing_cpp_kernels()
-    python_impls = {
-        "torch": {"rdr_weights_and_update": torch_impl.rdr_weights_and_update_torch,
-                  "weighted_loss": torch_impl.weighted_loss_torch},
-        "reference": {"rdr_weights_and_update": _weights_reference, "weighted_loss": _loss_reference},
-    }
     for name in BACKENDS:
         if impl == "auto" and _has_compiled_cpu_kernel(name):
             BACKENDS[name]["cpu"] = "cpp"
         else:
             cpu_impl = "reference" if impl == "reference" else "torch"
-            torch.library.register_kernel(f"rdr_fast::{name}", "cpu", python_impls[cpu_impl][name], lib=LIB)
+            torch.library.register_kernel(f"rdr_fast::{name}", "cpu", _python_kernel(cpu_impl, name), lib=LIB)
             BACKENDS[name]["cpu"] = cpu_impl
-        BACKENDS[name]["cuda"], cuda_kernel = _cuda_kernel(name, impl, python_impls["torch"][name])
+        BACKENDS[name]["cuda"], cuda_kernel = _cuda_kernel(name, impl, _python_kernel("torch", name))
         torch.library.register_kernel(f"rdr_fast::{name}", "cuda", cuda_kernel, lib=LIB)
+
+
+def _python_kernel(impl: str, name: str):
+    """The op ``name`` of a Python backend: ``<name>_torch`` of the PyTorch path, or
+    ``<name>_ref`` of the reference loop (imported only then: the reference never loads
+    at training time)."""
+    if impl == "reference":
+        from . import reference
+        return getattr(reference, f"{name}_ref")
+    return getattr(torch_impl, f"{name}_torch")
 
 
 def _selected_impl() -> str:

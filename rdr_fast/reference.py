@@ -3,7 +3,9 @@
 Every fast path in rdr_fast (the vectorised PyTorch path, the C++ and Triton kernels)
 is tested against these functions. They are slow on purpose: a Python loop over the
 classes, one small dense solve per class, no in-place tricks. They work in float64.
-Nothing imports this module at training time.
+Nothing imports this module at training time, except RDR_FAST_IMPL=reference, which
+registers ``rdr_weights_and_update_ref`` and ``weighted_loss_ref`` (the reference behind
+the ops' signatures) as the CPU kernels of the ops, for A/B runs.
 
 Choices the paper leaves open, fixed here (and mirrored by every fast path):
 - Ridge: λ_c = ridge · trace(X_c X_cᵀ) / b_c. When a class block is all zeros the
@@ -18,10 +20,12 @@ Choices the paper leaves open, fixed here (and mirrored by every fast path):
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 
-from .constants import DEFAULT_RIDGE, RATIO_FLOOR, compute_dtype, weight_mode
+from .constants import DEFAULT_RIDGE, RATIO_FLOOR, check_weight_mode, compute_dtype, weight_mode
 
 
 def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -141,3 +145,43 @@ def rdr_loss_ref(features, logits, labels, prototypes, seen, class_counts, *, ba
         prototypes, seen = update_prototypes_ref(prototypes, seen, features, labels, momentum)
     return loss, weights, prototypes, seen
 
+
+
+# ---- the reference behind the ops' signatures (RDR_FAST_IMPL=reference) ----------------------
+def rdr_weights_and_update_ref(features, labels, prototypes, seen, class_factors, ridge: float, temperature: float,
+                               momentum: float, mode: str, update: bool) -> torch.Tensor:
+    """The op rdr_weights_and_update by the reference loop (CPU): weights from the current
+    prototypes, then (if ``update``) the prototype update, in place."""
+    check_weight_mode(mode)
+    ratios = density_ratios_ref(features, labels, prototypes, seen, ridge)
+    weights = weights_from_factors_ref(ratios, labels, class_factors.to(torch.float64), mode, temperature)
+    if update:
+        new_protos, new_seen = update_prototypes_ref(prototypes, seen, features, labels, momentum)
+        prototypes.copy_(new_protos)
+        seen.copy_(new_seen)
+    return weights
+
+
+def weighted_loss_ref(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool):
+    """The op weighted_loss by the reference loop (CPU): (L = Σ w ℓ / B, ∂L/∂logits by
+    autograd, or an empty tensor). ``focal_gamma`` 0 is CE; LA passes τ·log π as the
+    adjust.
+
+    Inside an op's kernel autograd records nothing on the calling thread (the dispatcher
+    has switched it off there), so the loss and its gradient are taken on a fresh thread.
+    """
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(_loss_and_grad_ref, logits, labels, weights, logit_adjust, focal_gamma,
+                             compute_grad).result()
+
+
+def _loss_and_grad_ref(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool):
+    x = logits.detach().to(compute_dtype(logits.dtype)).requires_grad_(True)
+    adjusted = x if logit_adjust is None else x + logit_adjust.to(x.dtype)
+    base = "ce" if focal_gamma == 0.0 else "focal"
+    losses = per_sample_loss_ref(adjusted, labels, base, focal_gamma=focal_gamma)
+    loss = (weights.detach().to(x.dtype) * losses).sum() / len(labels)
+    if not compute_grad:
+        return loss.detach(), logits.new_empty(0)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad.to(logits.dtype)

@@ -10,7 +10,7 @@ import torch
 
 import rdr_fast
 from rdr_fast import functional as Fn
-from rdr_fast import ops, torch_impl
+from rdr_fast import reference, torch_impl
 from rdr_fast.constants import RATIO_FLOOR, WEIGHT_MODES, weight_mode
 from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
@@ -68,7 +68,7 @@ def weights_kernel(backend: str):
     if backend == "torch":
         return torch_impl.rdr_weights_and_update_torch
     if backend == "reference":
-        return ops._weights_reference
+        return reference.rdr_weights_and_update_ref
     pytest.importorskip("triton")
     from rdr_fast.kernels import rdr_weights_and_update_triton
     return rdr_weights_and_update_triton
