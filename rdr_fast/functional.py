@@ -18,7 +18,8 @@ import torch
 
 from . import _checks, ops  # noqa: F401  (ops registers the custom ops)
 from . import torch_impl
-from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, weight_mode  # noqa: F401  (re-exported)
+from .constants import BASE_LOSSES, REWEIGHT_MODES  # noqa: F401  (re-exported for compatibility)
+from .constants import DEFAULT_RIDGE, weight_mode
 
 
 def class_factors(class_counts, reweight: str = "rdr", beta: float = 0.9999) -> torch.Tensor:

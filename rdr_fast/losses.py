@@ -80,7 +80,7 @@ class RDRLoss(nn.Module):
         """features [B, K], logits [B, C], targets [B] int64 → scalar loss."""
         self._check_inputs(features, logits, targets)
         global_update = self.training and self.sync_prototypes and distributed.multi_rank()
-        # Warm-up is not part of the mode: it is applied below from the step buffer.
+        # The mode leaves warm-up out: it is applied below from the step buffer, without a host sync.
         weights = functional.weights_from_factors(
             features, targets, self.prototypes, self.seen, self.class_factors, mode=weight_mode(self.reweight),
             ridge=self.ridge, temperature=self.temperature, momentum=self.momentum,
