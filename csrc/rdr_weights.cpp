@@ -1,13 +1,15 @@
-// rdr_fast::rdr_weights_and_update on the CPU: SPEC §2 steps 1, 2 and 4 in one call.
+// rdr_fast::rdr_weights_and_update on the CPU: density ratios, weights and the prototype
+// update in one call (docs/algorithm.md: "Density ratios", "Weights", "Prototype update").
 //
 // Computes exactly what rdr_fast/torch_impl.py computes (see rdr_fast/reference.py for
 // the choices the paper leaves open):
 //   1. For every class c present with seen[c]: r_c = b_c · (X_c X_cᵀ + λ_c I)⁻¹ X_c P_c
 //      when b_c ≤ K, else b_c · X_c (X_cᵀ X_c + λ_c I)⁻¹ P_c, with
-//      λ_c = ridge · trace(X_c X_cᵀ) / b_c (1 when the trace is 0), then r ← max(r, 1e-9).
+//      λ_c = ridge · trace(X_c X_cᵀ) / b_c (1 when the trace is 0), then r ← max(r, floor).
 //      Unseen classes get r = 1. The systems are built and solved in double.
-//   2. w_j = (r_j · factor_{y_j})^γ, scaled to batch mean 1 (r ≡ 1 if !use_ratios,
-//      w ≡ 1 if uniform), in the compute dtype (double for double features, else float).
+//   2. w_j = (r_j · factor_{y_j})^γ, scaled to batch mean 1, in the compute dtype (double
+//      for double features, else float). The mode says which terms are used:
+//      "density_ratio" all of them, "class_factor" r ≡ 1, "uniform" w ≡ 1.
 //   3. If update: for every class present, P_c ← mean(X_c) if !seen[c], else
 //      μ P_c + (1 − μ) mean(X_c); then seen[c] ← true. Ratios use the old P_c.
 //
@@ -22,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -30,7 +33,20 @@
 namespace {
 
 constexpr const char* kOp = "rdr_weights_and_update";
-constexpr double kRatioFloor = 1e-9;         // SPEC §2: r ← max(r, 1e-9)
+constexpr double kRatioFloor = 1e-9;  // r ← max(r, floor): RATIO_FLOOR of rdr_fast/constants.py
+
+// How the weights are formed. The names, and the message for any other name, are those of
+// WEIGHT_MODES and check_weight_mode in rdr_fast/constants.py.
+enum class WeightMode { kDensityRatio, kClassFactor, kUniform };
+
+WeightMode parse_weight_mode(c10::string_view mode) {
+  const bool known = mode == "density_ratio" || mode == "class_factor" || mode == "uniform";
+  TORCH_CHECK_VALUE(known, kOp, ": mode must be one of ('density_ratio', 'class_factor', 'uniform'), got '",
+                    std::string(mode.data(), mode.size()), "'");
+  if (mode == "density_ratio") return WeightMode::kDensityRatio;
+  return mode == "class_factor" ? WeightMode::kClassFactor : WeightMode::kUniform;
+}
+
 // Multiply-adds (~100 µs on one core) below which a second thread costs more than it saves:
 // an OpenMP fork/join is a few µs on an idle machine and far more on a busy one.
 constexpr int64_t kParallelWork = 1 << 18;
@@ -273,18 +289,18 @@ void for_each_class_run(const ClassGroups& g, int64_t dim, bool solve, bool upda
   });
 }
 
-// SPEC §2 step 2 from the ratios (overwritten with the unnormalised weights). Inputs are
+// The weights from the ratios (overwritten with the unnormalised weights). Inputs are
 // rounded to the compute dtype W first, as the PyTorch path does; the sum runs in double.
 template <typename W>
 void write_weights(double* ratios, const int64_t* labels, int64_t batch, const double* factors, double temperature,
-                   bool use_ratios, bool uniform, W* out) {
-  if (uniform) {
+                   WeightMode mode, W* out) {
+  if (mode == WeightMode::kUniform) {
     std::fill(out, out + batch, static_cast<W>(1));
     return;
   }
   double sum = 0.0;
   for (int64_t j = 0; j < batch; ++j) {
-    const double r = use_ratios ? static_cast<double>(static_cast<W>(ratios[j])) : 1.0;
+    const double r = mode == WeightMode::kDensityRatio ? static_cast<double>(static_cast<W>(ratios[j])) : 1.0;
     double w = static_cast<double>(static_cast<W>(factors[labels[j]])) * r;
     if (temperature != 1.0) w = std::pow(w, temperature);
     ratios[j] = w;
@@ -332,7 +348,8 @@ at::Tensor working_copy(const at::Tensor& t, bool floating) {
 at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tensor& labels,
                                       const at::Tensor& prototypes, const at::Tensor& seen,
                                       const at::Tensor& class_factors, double ridge, double temperature,
-                                      double momentum, bool use_ratios, bool uniform, bool update) {
+                                      double momentum, c10::string_view mode_name, bool update) {
+  const WeightMode mode = parse_weight_mode(mode_name);
   check_inputs(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum);
   const int64_t batch = features.size(0), dim = features.size(1), num_classes = prototypes.size(0);
   const at::Tensor y = rdr_fast::checked_labels(kOp, labels, num_classes);
@@ -344,7 +361,7 @@ at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tens
   at::Tensor protos = working_copy(prototypes, true), flags = working_copy(seen, false);
   const ClassGroups groups = group_by_class(y.data_ptr<int64_t>(), batch, num_classes);
   std::vector<double> ratios(batch, 1.0);
-  const bool solve = use_ratios && !uniform;
+  const bool solve = mode == WeightMode::kDensityRatio;
   if (solve || update) {
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "rdr_weights_and_update_cpu", [&] {
       using feat_t = scalar_t;
@@ -358,8 +375,8 @@ at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tens
   if (update && !protos.is_same(prototypes)) prototypes.copy_(protos);
   if (update && !flags.is_same(seen)) seen.copy_(flags);
   AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "rdr_weights_cpu", [&] {
-    write_weights(ratios.data(), y.data_ptr<int64_t>(), batch, factors.data_ptr<double>(), temperature, use_ratios,
-                  uniform, weights.data_ptr<scalar_t>());
+    write_weights(ratios.data(), y.data_ptr<int64_t>(), batch, factors.data_ptr<double>(), temperature, mode,
+                  weights.data_ptr<scalar_t>());
   });
   return weights;
 }

@@ -1,4 +1,5 @@
-// rdr_fast::weighted_loss on the CPU: SPEC §2 step 3, forward and gradient in one pass.
+// rdr_fast::weighted_loss on the CPU: the weighted loss, forward and gradient in one pass
+// (docs/algorithm.md, "Base losses").
 //
 // For each row j (x = logits_j + logit_adjust, in the compute dtype S: double for double
 // logits, else float):

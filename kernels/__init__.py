@@ -1,8 +1,9 @@
 """Triton kernels for rdr_fast, installed as ``rdr_fast.kernels`` (setup.py maps this
 top-level folder into the package). One module per op, each with private ``_*_kernel``
-Triton kernels and one launcher with the op's signature (see rdr_fast/ops.py, which
-registers the launchers as the CUDA implementation). Importing does no GPU work; without
-Triton installed the launchers raise. Design notes: docs/gpu.md.
+Triton kernels and one launcher with the op's signature, plus a keyword-only
+``block_sizes`` (see rdr_fast/ops.py, which registers the launchers as the CUDA
+implementation). Importing does no GPU work; without Triton installed the launchers
+raise. Design notes: docs/gpu.md.
 """
 from ._utils import HAS_TRITON
 

@@ -93,5 +93,17 @@ def launchable(kernel, device: torch.device):
     return _INTERPRETED[kernel]
 
 
+def chosen_block_sizes(block_sizes, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A launcher's ``block_sizes`` keyword: ``default`` when None, else the given sizes,
+    checked to be as many positive powers of two (block sizes and warp counts both are)."""
+    if block_sizes is None:
+        return default
+    sizes = tuple(block_sizes)
+    if len(sizes) != len(default) or not all(isinstance(n, int) and n > 0 and n & (n - 1) == 0 for n in sizes):
+        raise ValueError(f"block_sizes must be {len(default)} positive powers of two, like {default}; "
+                         f"got {block_sizes!r}")
+    return sizes
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()

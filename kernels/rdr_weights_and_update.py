@@ -1,4 +1,5 @@
-"""Triton kernels for ``rdr_fast::rdr_weights_and_update`` (SPEC §2 steps 1, 2 and 4).
+"""Triton kernels for ``rdr_fast::rdr_weights_and_update``: density ratios, weights and the
+prototype update (docs/algorithm.md, "Density ratios", "Weights", "Prototype update").
 
 Launch sequence, with no host synchronisation (nothing reads a tensor value on the host):
 
@@ -30,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, launchable, next_power_of_2, on_device
+from ..constants import check_weight_mode
+from ._utils import HAS_TRITON, chosen_block_sizes, launchable, next_power_of_2, on_device
 
 if HAS_TRITON:
     import triton
@@ -63,8 +65,8 @@ if HAS_TRITON:
         Scalars: seen_stride, K, LD; ridge (λ_c = ridge·‖X_c‖²/b_c, 1 when that is 0),
             temperature γ, momentum μ (the last three float64).
         Constexprs:
-            SOLVE: compute density ratios (reweight "rdr"); else r ≡ 1.
-            WEIGHTS: write weights at all (False for uniform weights: update only).
+            SOLVE: compute density ratios (mode "density_ratio"); else r ≡ 1.
+            WEIGHTS: write weights at all (False for mode "uniform": update only).
             UPDATE: momentum-update the prototype and set seen.
             POW: γ ≠ 1 (apply the temperature).
             BS: block size of the Cholesky (rows/columns of a register tile), ≥ 16.
@@ -230,7 +232,8 @@ if HAS_TRITON:
                 for i0 in range(0, b, BS):
                     rows = i0 + ri
                     idx = tl.load(order_ptr + start + rows, mask=rows < b, other=0)
-                    # floor 1e-9 (SPEC §2); a bare 1e-9 would be a float32 constant in Triton
+                    # RATIO_FLOOR of rdr_fast/constants.py, repeated (a kernel cannot read a Python
+                    # global); a bare 1e-9 would be a float32 constant in Triton
                     floor = tl.full((BS,), 1e-9, tl.float64)
                     w = tl.maximum(tl.load(w_ptr + idx, mask=rows < b, other=1.0), floor) * factor
                     if POW:
@@ -284,14 +287,16 @@ def _block_sizes(device: torch.device) -> tuple[int, int, int]:
     """(BS, BK, num_warps). BS = 16 everywhere: most classes of a long-tailed batch have
     b_c ≤ 16, so one register tile covers them, and the sequential steps of a diagonal block
     are BS. On a GPU, BK = 32 and 4 warps compile for sm_90 without spills (254 registers);
-    not yet tuned on a device (bench/gpu_suite.py times alternatives)."""
+    not yet tuned on a device (bench/gpu_suite.py times alternatives through the launcher's
+    ``block_sizes``)."""
     return (16, 16, 1) if device.type == "cpu" else (16, 32, 4)
 
 
 def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_factors, ridge: float,
-                                  temperature: float, momentum: float, use_ratios: bool, uniform: bool,
-                                  update: bool) -> torch.Tensor:
-    """Steps 1, 2 and 4 of SPEC §2 (the op ``rdr_fast::rdr_weights_and_update``).
+                                  temperature: float, momentum: float, mode: str, update: bool, *,
+                                  block_sizes: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The op ``rdr_fast::rdr_weights_and_update``: density ratios, weights and the prototype
+    update (docs/algorithm.md, "Density ratios", "Weights", "Prototype update").
 
     Arguments:
         features: [B, K] floating (any dtype; upcast to float64 inside).
@@ -299,10 +304,16 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
         prototypes: [C, K] floating, updated in place when ``update``.
         seen: [C] bool, updated in place when ``update``.
         class_factors: [C] the per-class factor (N/n_c, CB's, or 1).
+        mode: "density_ratio", "class_factor" (r ≡ 1) or "uniform" (w ≡ 1); see
+            rdr_fast.constants.WEIGHT_MODES.
+        block_sizes: (BS, BK, num_warps) of the segment kernel; None: ``_block_sizes``'s
+            choice for the device.
     Returns:
         weights [B] in the compute dtype (float64 for float64 features, else float32),
-        batch mean 1; ones when ``uniform``.
+        batch mean 1; ones when ``mode`` is "uniform".
     """
+    check_weight_mode(mode)
+    uniform = mode == "uniform"
     batch, dim = features.shape
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     device = features.device
@@ -313,12 +324,12 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     z = features.detach().index_select(0, order).to(torch.float64).contiguous()
     unnormalised = torch.empty(batch, dtype=torch.float64, device=device)
     ld = min(batch, dim)
-    solve = use_ratios and not uniform
+    solve = mode == "density_ratio"
     workspace = torch.empty((batch, ld) if solve else (1, 1), dtype=torch.float64, device=device)
     vec = torch.empty(2, batch if solve else 1, dtype=torch.float64, device=device)
     factors = class_factors.to(device=device, dtype=torch.float64).contiguous()
     seen_u8 = seen.view(torch.uint8)
-    bs, bk, warps = _block_sizes(device)
+    bs, bk, warps = chosen_block_sizes(block_sizes, _block_sizes(device))
     with on_device(device):
         launchable(_rdr_segment_kernel, device)[(programs,)](
             starts, order, sorted_labels, z, prototypes, prototypes.stride(0), prototypes.stride(1), seen_u8,

@@ -1,5 +1,5 @@
-"""Triton kernel for ``rdr_fast::weighted_loss`` (SPEC §2 step 3): the weighted loss and
-its gradient with respect to the logits in one kernel.
+"""Triton kernel for ``rdr_fast::weighted_loss`` (docs/algorithm.md, "Base losses"): the
+weighted loss and its gradient with respect to the logits in one kernel.
 
 One program per sample row. Pass 1 walks the row in chunks of BLOCK_C with an online
 log-sum-exp (running max and rescaled sum), so a 100 000-class row never has to fit in
@@ -10,14 +10,14 @@ both passes read the same cached chunk. Each program writes its weighted loss w�
 
 ℓ = −(1 − p_y)^γ log p_y with p_y = softmax(logits + adjust)_y: γ = 0 is CE, and LA
 passes adjust = τ·log π. Numerics: float64 logits are computed in float64, every other
-dtype in float32 (SPEC §2), like the PyTorch path; the gradient is stored in the logits'
+dtype in float32, like the PyTorch path; the gradient is stored in the logits'
 dtype.
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, launchable, next_power_of_2, on_device
+from ._utils import HAS_TRITON, chosen_block_sizes, launchable, next_power_of_2, on_device
 
 if HAS_TRITON:
     import triton
@@ -106,14 +106,16 @@ def _block_c(num_classes: int, device: torch.device) -> tuple[int, int]:
     return block, warps
 
 
-def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool):
-    """Step 3 of SPEC §2 (the op ``rdr_fast::weighted_loss``).
+def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool, *,
+                         block_sizes: tuple[int, int] | None = None):
+    """The op ``rdr_fast::weighted_loss``: the weighted loss and its gradient.
 
     Arguments:
         logits: [B, C] floating. labels: [B] int64. weights: [B] (treated as constants).
         logit_adjust: [C] or None, added to the logits (LA's τ·log π).
         focal_gamma: γ of the focal loss; 0 gives CE.
         compute_grad: also return ∂L/∂logits.
+        block_sizes: (BLOCK_C, num_warps); None: ``_block_c``'s choice for C and the device.
     Returns:
         (L = Σ_j w_j ℓ_j / B as a 0-d tensor in the compute dtype, ∂L/∂logits [B, C] in the
         logits' dtype, or an empty tensor when not ``compute_grad``).
@@ -131,7 +133,7 @@ def weighted_loss_triton(logits, labels, weights, logit_adjust, focal_gamma: flo
         return torch.zeros((), dtype=dtype, device=device), grad
     row_loss = torch.empty(batch, dtype=dtype, device=device)
     adjust = logit_adjust if logit_adjust is not None else row_loss  # any pointer; not read
-    block, warps = _block_c(num_classes, device)
+    block, warps = chosen_block_sizes(block_sizes, _block_c(num_classes, device))
     with on_device(device):
         launchable(_weighted_loss_kernel, device)[(batch,)](
             logits.detach(), logits.stride(0), labels, weights, adjust, row_loss, grad,

@@ -7,9 +7,10 @@ What is synchronised, and how:
 - BatchNorm: statistics of the global batch — torch's SyncBatchNorm on CUDA, and
   `GlobalBatchNorm` (the same maths through a differentiable all-reduce) on the CPU,
   where torch's SyncBatchNorm refuses to run;
-- RDR prototypes: `RDRLoss` all-reduces one [C, K+1] buffer of per-class feature sums
-  and counts each training step, so every rank applies the same update, equal to a
-  single process's update on the concatenated global batch;
+- RDR prototypes: `update_prototypes_global_` (called by `RDRLoss` each training step)
+  all-reduces one [C, K+1] buffer of per-class feature sums and counts, so every rank
+  applies the same update, equal to a single process's update on the concatenated
+  global batch;
 - RDR weights: computed per rank from its local batch against the (global)
   prototypes, normalised to mean 1 over the local batch. Solving each class's system
   on the global batch would need an all-gather of the features every step; the ratio
@@ -28,6 +29,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# Only leaf modules of the package: rdr_fast/__init__ and losses import this one.
+from .constants import compute_dtype
+from .torch_impl import class_sums, update_prototypes_from_sums_
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,14 @@ def device_for(ctx: DistContext, device: str) -> str:
     return device
 
 
-def _multi_rank() -> bool:
+def multi_rank() -> bool:
+    """Whether a process group of more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """Reduce over ranks in place, op "sum" or "max" (a no-op without a process group)."""
-    if _multi_rank():
+    if multi_rank():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return tensor
 
@@ -84,7 +90,7 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def average_(tensors: list[torch.Tensor]) -> None:
     """Replace each tensor by its mean over ranks, with one all-reduce of a flat copy
     (a no-op without a process group)."""
-    if not tensors or not _multi_rank():
+    if not tensors or not multi_rank():
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
@@ -93,9 +99,26 @@ def average_(tensors: list[torch.Tensor]) -> None:
     torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(parts, tensors)])
 
 
+def update_prototypes_global_(prototypes, seen, features, labels, momentum: float) -> None:
+    """The prototype update of the global batch, in place on ``prototypes`` [C, K] and
+    ``seen`` [C]: per-class feature sums and counts of the local batch ([C, K+1], in the
+    compute dtype), summed over ranks by one all-reduce, then the momentum update
+    (docs/algorithm.md, "Distributed"). Every rank ends with the same state, equal to one
+    process's update on the concatenated batch; without a process group it is the local
+    update.
+
+    It runs on the PyTorch path (rdr_fast.torch_impl's ``class_sums`` and
+    ``update_prototypes_from_sums_``) on every device: a scatter-add and a collective,
+    which no fused kernel would speed up.
+    """
+    z = features.detach().to(compute_dtype(features.dtype))
+    sums = class_sums(z, labels, len(prototypes))
+    update_prototypes_from_sums_(prototypes, seen, all_reduce_(sums), momentum)
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group."""
-    if not _multi_rank():
+    if not multi_rank():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)

@@ -1,6 +1,8 @@
-"""Stateless RDR functions (SPEC §2): validated wrappers over the two custom ops
-(rdr_weights_and_update, weighted_loss), plus density_ratios (the PyTorch path, for
-inspection) and the plain-torch helpers class_factors and log_prior.
+"""Stateless RDR functions (docs/algorithm.md): validated wrappers over the two custom ops
+(rdr_weights_and_update, weighted_loss), their unchecked forms for callers that have
+checked their inputs (weights_from_factors, loss_from_weights: RDRLoss, SAM), plus
+density_ratios (the PyTorch path, for inspection) and the plain-torch helpers
+class_factors and log_prior.
 
 Shapes: B samples, C classes, K feature width. Labels are int64 in [0, C).
 Features and logits may be float64, float32, bfloat16 or float16; everything but
@@ -16,9 +18,8 @@ import torch
 
 from . import _checks, ops  # noqa: F401  (ops registers the custom ops)
 from . import torch_impl
-
-REWEIGHT_MODES = ("none", "inv_freq", "cb", "rdr")
-BASE_LOSSES = ("ce", "focal", "la")
+from .constants import BASE_LOSSES, REWEIGHT_MODES  # noqa: F401  (re-exported for compatibility)
+from .constants import DEFAULT_RIDGE, weight_mode
 
 
 def class_factors(class_counts, reweight: str = "rdr", beta: float = 0.9999) -> torch.Tensor:
@@ -41,8 +42,9 @@ def log_prior(class_counts) -> torch.Tensor:
     return torch.log(counts / counts.sum())
 
 
-def density_ratios(features, labels, prototypes, seen, ridge: float = 1e-5, validate=None) -> torch.Tensor:
-    """Per-sample density ratios r_j (SPEC §2 step 1), without any state change.
+def density_ratios(features, labels, prototypes, seen, ridge: float = DEFAULT_RIDGE, validate=None) -> torch.Tensor:
+    """Per-sample density ratios r_j (docs/algorithm.md, "Density ratios"), without any
+    state change.
 
     Arguments:
         features: [B, K] floating. labels: [B] int64. prototypes: [C, K]. seen: [C] bool.
@@ -55,11 +57,12 @@ def density_ratios(features, labels, prototypes, seen, ridge: float = 1e-5, vali
 
 
 def rdr_weights_and_update(features, labels, prototypes, seen, class_counts, *, reweight: str = "rdr",
-                           temperature: float = 1.0, beta: float = 0.9999, ridge: float = 1e-5,
+                           temperature: float = 1.0, beta: float = 0.9999, ridge: float = DEFAULT_RIDGE,
                            momentum: float = 0.9, warmup: bool = False, update: bool = True,
                            validate=None) -> torch.Tensor:
-    """SPEC §2 steps 1, 2 and 4 in one op: weights from the current prototypes, then (if
-    ``update``) the momentum update of ``prototypes`` [C, K] and ``seen`` [C] in place.
+    """Weights from the current prototypes, then (if ``update``) the momentum update of
+    ``prototypes`` [C, K] and ``seen`` [C] in place, in one op (docs/algorithm.md,
+    "Density ratios", "Weights", "Prototype update").
 
     Returns:
         weights: [B], batch mean 1, detached, in the compute dtype. Ones during warm-up
@@ -74,15 +77,26 @@ def rdr_weights_and_update(features, labels, prototypes, seen, class_counts, *, 
     factors = class_factors(class_counts, reweight, beta)
     if len(factors) != len(prototypes):
         raise ValueError(f"class_counts has {len(factors)} classes but prototypes have {len(prototypes)} rows")
+    return weights_from_factors(features, labels, prototypes, seen, factors.to(features.device),
+                                mode=weight_mode(reweight, warmup), ridge=ridge, temperature=temperature,
+                                momentum=momentum, update=update)
+
+
+def weights_from_factors(features, labels, prototypes, seen, class_factors, *, mode: str = "density_ratio",
+                         ridge: float = DEFAULT_RIDGE, temperature: float = 1.0, momentum: float = 0.9,
+                         update: bool = True) -> torch.Tensor:
+    """The weights from given class factors [C] (on the features' device), then (if
+    ``update``) the prototype update, through the op and without input checks: the caller
+    (``rdr_weights_and_update``, RDRLoss) has checked them. ``mode`` is one of
+    rdr_fast.constants.WEIGHT_MODES; ``constants.weight_mode`` maps a reweighting to it."""
     return torch.ops.rdr_fast.rdr_weights_and_update(
-        features.detach(), labels, prototypes, seen, factors.to(features.device), float(ridge),
-        float(temperature), float(momentum), reweight == "rdr", reweight == "none" or bool(warmup),
-        bool(update))
+        features.detach(), labels, prototypes, seen, class_factors, float(ridge), float(temperature),
+        float(momentum), mode, bool(update))
 
 
 def weighted_loss(logits, labels, weights, *, base: str = "ce", class_counts=None, tau: float = 1.0,
                   focal_gamma: float = 1.0, validate=None) -> torch.Tensor:
-    """L = (1/B) Σ_j w_j ℓ_j (SPEC §2 step 3), forward and gradient fused.
+    """L = (1/B) Σ_j w_j ℓ_j (docs/algorithm.md, "Base losses"), forward and gradient fused.
 
     Arguments:
         logits: [B, C] floating. labels: [B] int64. weights: [B] (no gradient flows into it).
@@ -125,7 +139,7 @@ def loss_from_weights(logits, labels, weights, *, logit_adjust=None, focal_gamma
     return loss
 
 
-def check_hyperparameters(*, temperature=1.0, ridge=1e-5, momentum=0.9, beta=0.9999, focal_gamma=1.0,
+def check_hyperparameters(*, temperature=1.0, ridge=DEFAULT_RIDGE, momentum=0.9, beta=0.9999, focal_gamma=1.0,
                           tau=1.0) -> None:
     """ValueError for any out-of-range RDR hyperparameter."""
     _checks.check_range("temperature", temperature, 0.0, float("inf"))

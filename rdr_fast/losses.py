@@ -1,11 +1,11 @@
-"""RDRLoss: Re-weighting with Density Ratio as an nn.Module (SPEC §2 and §6)."""
+"""RDRLoss: Re-weighting with Density Ratio as an nn.Module (docs/algorithm.md)."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import _checks, functional, torch_impl
+from . import _checks, distributed, functional
+from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, weight_mode
 
 
 class RDRLoss(nn.Module):
@@ -32,7 +32,7 @@ class RDRLoss(nn.Module):
         sync_prototypes: under torch.distributed (world size > 1), all-reduce the
             per-class feature sums and counts ([C, K+1], one call per step) so every rank
             applies the update of the global batch. The weights stay per rank: each rank's
-            ratios come from its local batch (see rdr_fast.distributed).
+            ratios come from its local batch (rdr_fast.distributed.update_prototypes_global_).
 
     State (buffers, saved by ``state_dict``): ``prototypes`` [C, K] float32, ``seen`` [C]
     bool, ``step`` (training calls so far), ``class_counts`` [C] int64 (checked on load).
@@ -42,11 +42,11 @@ class RDRLoss(nn.Module):
     def __init__(self, class_counts, feat_dim: int, base: str = "ce", reweight: str = "rdr",
                  momentum: float = 0.9, temperature: float = 1.0, warmup_steps: int = 0,
                  tau: float = 1.0, focal_gamma: float = 1.0, beta: float = 0.9999,
-                 ridge: float = 1e-5, validate: bool | None = None, sync_prototypes: bool = True):
+                 ridge: float = DEFAULT_RIDGE, validate: bool | None = None, sync_prototypes: bool = True):
         super().__init__()
         counts = _checks.as_class_counts(class_counts)
-        _checks.check_choice("base", base, functional.BASE_LOSSES)
-        _checks.check_choice("reweight", reweight, functional.REWEIGHT_MODES)
+        _checks.check_choice("base", base, BASE_LOSSES)
+        _checks.check_choice("reweight", reweight, REWEIGHT_MODES)
         if not isinstance(feat_dim, int) or feat_dim <= 0:
             raise ValueError(f"feat_dim must be a positive int, got {feat_dim!r}")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -79,13 +79,14 @@ class RDRLoss(nn.Module):
     def forward(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """features [B, K], logits [B, C], targets [B] int64 → scalar loss."""
         self._check_inputs(features, logits, targets)
-        global_update = self.training and self.sync_prototypes and _world_size() > 1
-        weights = torch.ops.rdr_fast.rdr_weights_and_update(
-            features.detach(), targets, self.prototypes, self.seen, self.class_factors, self.ridge,
-            self.temperature, self.momentum, self.reweight == "rdr", self.reweight == "none",
-            self.training and not global_update)
+        global_update = self.training and self.sync_prototypes and distributed.multi_rank()
+        # The mode leaves warm-up out: it is applied below from the step buffer, without a host sync.
+        weights = functional.weights_from_factors(
+            features, targets, self.prototypes, self.seen, self.class_factors, mode=weight_mode(self.reweight),
+            ridge=self.ridge, temperature=self.temperature, momentum=self.momentum,
+            update=self.training and not global_update)
         if global_update:
-            self._update_from_global_batch(features.detach(), targets)
+            distributed.update_prototypes_global_(self.prototypes, self.seen, features, targets, self.momentum)
         if self.warmup_steps > 0 and self.reweight != "none":
             # A tensor comparison, not `if step < warmup`: no host sync, capturable.
             weights = torch.where(self.step < self.warmup_steps, torch.ones_like(weights), weights)
@@ -101,13 +102,6 @@ class RDRLoss(nn.Module):
         gamma = self.focal_gamma if self.base == "focal" else 0.0
         return functional.loss_from_weights(logits, targets, weights, logit_adjust=self.logit_adjust,
                                             focal_gamma=gamma)
-
-    def _update_from_global_batch(self, features, targets) -> None:
-        """The prototype update of the global batch: one all-reduce of [C, K+1]."""
-        z = features.to(torch_impl.compute_dtype(features.dtype))
-        sums = torch_impl.class_sums(z, targets, self.num_classes)
-        dist.all_reduce(sums)
-        torch_impl.update_prototypes_from_sums_(self.prototypes, self.seen, sums, self.momentum)
 
     def _check_inputs(self, features, logits, targets) -> None:
         _checks.check_logits(logits, self.num_classes)
@@ -133,6 +127,3 @@ class RDRLoss(nn.Module):
                 f"reweight={self.reweight!r}, momentum={self.momentum}, temperature={self.temperature}, "
                 f"warmup_steps={self.warmup_steps}")
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,11 +1,12 @@
 """The rdr_fast custom ops: schemas, fakes, autograd and per-device dispatch.
 
-Two ops (SPEC §3), defined once here with torch.library:
+Two ops, defined once here with torch.library (docs/algorithm.md):
 
 - ``rdr_fast::rdr_weights_and_update`` — density ratios, weights and the in-place
-  prototype update (steps 1, 2 and 4) in one call. Mutates ``prototypes`` and ``seen``.
+  prototype update in one call. Mutates ``prototypes`` and ``seen``. ``weight_mode`` is
+  one of rdr_fast.constants.WEIGHT_MODES.
 - ``rdr_fast::weighted_loss`` — the weighted loss and its gradient in one pass over the
-  logits (step 3); autograd replays the saved gradient.
+  logits; autograd replays the saved gradient.
 
 Autograd for ``weighted_loss`` replays the gradient the forward computed; rdr_fast._C
 registers it in C++ (for every device) when built, else ``_backward`` below does.
@@ -14,8 +15,9 @@ Which implementation runs is decided per device at import and recorded in ``BACK
 the C++ kernels of ``rdr_fast._C`` on CPU when that extension is built, otherwise the
 vectorised PyTorch path of ``rdr_fast.torch_impl``; on CUDA the Triton kernels of
 ``rdr_fast.kernels`` when Triton is installed. ``RDR_FAST_IMPL=torch`` forces the
-PyTorch path and ``RDR_FAST_IMPL=reference`` the per-class reference loop (CPU only),
-for A/B runs.
+PyTorch path and ``RDR_FAST_IMPL=reference`` the per-class reference loop of
+``rdr_fast.reference`` (CPU only), for A/B runs. Each backend is one function per op
+with the op's signature; this module only registers them.
 """
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ import warnings
 import torch
 
 from . import torch_impl
+from .constants import check_weight_mode, compute_dtype
 
 LIB = torch.library.Library("rdr_fast", "FRAGMENT")
+# The weight mode is not called `mode`: torch.compile functionalises this mutating op by
+# passing its arguments as keywords to a function whose own first parameter is `mode`.
 LIB.define(
     "rdr_weights_and_update(Tensor features, Tensor labels, Tensor(a!) prototypes, Tensor(b!) seen, "
-    "Tensor class_factors, float ridge, float temperature, float momentum, bool use_ratios, "
-    "bool uniform, bool update) -> Tensor"
+    "Tensor class_factors, float ridge, float temperature, float momentum, str weight_mode, bool update) -> Tensor"
 )
 LIB.define(
     "weighted_loss(Tensor logits, Tensor labels, Tensor weights, Tensor? logit_adjust, "
@@ -42,17 +46,17 @@ BACKENDS: dict[str, dict[str, str]] = {"rdr_weights_and_update": {}, "weighted_l
 
 
 @torch.library.register_fake("rdr_fast::rdr_weights_and_update")
-def _(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum, use_ratios,
-      uniform, update):
+def _(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum, weight_mode, update):
+    check_weight_mode(weight_mode)
     torch._check(features.dim() == 2 and labels.dim() == 1 and labels.shape[0] == features.shape[0])
     torch._check(prototypes.dim() == 2 and prototypes.shape[1] == features.shape[1])
-    return features.new_empty(features.shape[0], dtype=torch_impl.compute_dtype(features.dtype))
+    return features.new_empty(features.shape[0], dtype=compute_dtype(features.dtype))
 
 
 @torch.library.register_fake("rdr_fast::weighted_loss")
 def _(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
     torch._check(logits.dim() == 2 and labels.shape[0] == logits.shape[0])
-    loss = logits.new_empty((), dtype=torch_impl.compute_dtype(logits.dtype))
+    loss = logits.new_empty((), dtype=compute_dtype(logits.dtype))
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return loss, grad
 
@@ -76,38 +80,6 @@ def _backward(ctx, grad_loss, _grad_of_grad):
 # rdr_fast._C brings the same autograd formula in C++ (cheaper per call); else this one.
 if not torch._C._dispatch_has_kernel_for_dispatch_key("rdr_fast::weighted_loss", "Autograd"):
     torch.library.register_autograd("rdr_fast::weighted_loss", _backward, setup_context=_setup_context, lib=LIB)
-
-
-def _weights_reference(features, labels, prototypes, seen, class_factors, ridge, temperature, momentum,
-                       use_ratios, uniform, update):
-    """The reference loop behind the op's signature (CPU only), for RDR_FAST_IMPL=reference."""
-    from . import reference  # imported lazily: the reference never loads at training time
-
-    mode = "none" if uniform else ("rdr" if use_ratios else "inv_freq")
-    ratios = reference.density_ratios_ref(features, labels, prototypes, seen, ridge)
-    factors = class_factors.to(torch.float64)
-    counts = factors.reciprocal()  # N/n_c ∝ 1/n_c: the weights normalise the scale away
-    weights = reference.sample_weights_ref(ratios, labels, counts, mode, temperature)
-    if update:
-        new_protos, new_seen = reference.update_prototypes_ref(prototypes, seen, features, labels, momentum)
-        prototypes.copy_(new_protos)
-        seen.copy_(new_seen)
-    return weights
-
-
-def _loss_reference(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
-    """Reference loss with autograd's gradient, for RDR_FAST_IMPL=reference."""
-    from . import reference
-
-    x = logits.detach().to(torch_impl.compute_dtype(logits.dtype)).requires_grad_(True)
-    adjusted = x if logit_adjust is None else x + logit_adjust.to(x.dtype)
-    base = "ce" if focal_gamma == 0.0 else "focal"
-    losses = reference.per_sample_loss_ref(adjusted, labels, base, focal_gamma=focal_gamma)
-    loss = (weights.to(x.dtype) * losses).sum() / len(labels)
-    if not compute_grad:
-        return loss.detach(), logits.new_empty(0)
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad.to(logits.dtype)
 
 
 def _has_compiled_cpu_kernel(name: str) -> bool:
@@ -159,20 +131,25 @@ def _register_backends(impl: str) -> None:
     """
     if impl == "auto" and not all(_has_compiled_cpu_kernel(name) for name in BACKENDS):
         _warn_missing_cpp_kernels()
-    python_impls = {
-        "torch": {"rdr_weights_and_update": torch_impl.rdr_weights_and_update_torch,
-                  "weighted_loss": torch_impl.weighted_loss_torch},
-        "reference": {"rdr_weights_and_update": _weights_reference, "weighted_loss": _loss_reference},
-    }
     for name in BACKENDS:
         if impl == "auto" and _has_compiled_cpu_kernel(name):
             BACKENDS[name]["cpu"] = "cpp"
         else:
             cpu_impl = "reference" if impl == "reference" else "torch"
-            torch.library.register_kernel(f"rdr_fast::{name}", "cpu", python_impls[cpu_impl][name], lib=LIB)
+            torch.library.register_kernel(f"rdr_fast::{name}", "cpu", _python_kernel(cpu_impl, name), lib=LIB)
             BACKENDS[name]["cpu"] = cpu_impl
-        BACKENDS[name]["cuda"], cuda_kernel = _cuda_kernel(name, impl, python_impls["torch"][name])
+        BACKENDS[name]["cuda"], cuda_kernel = _cuda_kernel(name, impl, _python_kernel("torch", name))
         torch.library.register_kernel(f"rdr_fast::{name}", "cuda", cuda_kernel, lib=LIB)
+
+
+def _python_kernel(impl: str, name: str):
+    """The op ``name`` of a Python backend: ``<name>_torch`` of the PyTorch path, or
+    ``<name>_ref`` of the reference loop (imported only then: the reference never loads
+    at training time)."""
+    if impl == "reference":
+        from . import reference
+        return getattr(reference, f"{name}_ref")
+    return getattr(torch_impl, f"{name}_torch")
 
 
 def _selected_impl() -> str:

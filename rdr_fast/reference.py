@@ -1,34 +1,31 @@
-"""The executable specification of RDR: a readable per-class loop (SPEC §2).
+"""The executable specification of RDR: a readable per-class loop (docs/algorithm.md).
 
 Every fast path in rdr_fast (the vectorised PyTorch path, the C++ and Triton kernels)
 is tested against these functions. They are slow on purpose: a Python loop over the
 classes, one small dense solve per class, no in-place tricks. They work in float64.
-Nothing imports this module at training time.
+Nothing imports this module at training time, except RDR_FAST_IMPL=reference, which
+registers ``rdr_weights_and_update_ref`` and ``weighted_loss_ref`` (the reference behind
+the ops' signatures) as the CPU kernels of the ops, for A/B runs.
 
 Choices the paper leaves open, fixed here (and mirrored by every fast path):
 - Ridge: λ_c = ridge · trace(X_c X_cᵀ) / b_c. When a class block is all zeros the
   trace is 0; λ_c is then taken as 1 (any positive value gives the same answer, r = 0,
-  clamped to 1e-9), so the system is always solvable.
+  clamped to RATIO_FLOOR), so the system is always solvable.
 - System size: the b_c×b_c form is solved when b_c ≤ K, the K×K form otherwise.
 - Precision: the least-squares systems are solved in float64 whatever the input dtype.
   With a ridge of 1e-5 they are ill-conditioned by design (condition number up to about
   b_c/ridge on duplicate rows), and a float32 Gram matrix then loses up to 1e-2 of
   relative accuracy. Everything else follows the compute dtype: float64 inputs stay
-  float64; fp32, bf16 and fp16 are computed in float32 (SPEC: "float32 at least").
+  float64; fp32, bf16 and fp16 are computed in float32 (never in less).
 """
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-RATIO_FLOOR = 1e-9
-REWEIGHT_MODES = ("none", "inv_freq", "cb", "rdr")
-BASE_LOSSES = ("ce", "focal", "la")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .constants import DEFAULT_RIDGE, RATIO_FLOOR, check_weight_mode, compute_dtype, weight_mode
 
 
 def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -52,8 +49,9 @@ def density_ratio_one_class_ref(x: torch.Tensor, proto: torch.Tensor, ridge: flo
     return b * coef
 
 
-def density_ratios_ref(features, labels, prototypes, seen, ridge: float = 1e-5) -> torch.Tensor:
-    """SPEC §2 step 1: one density ratio per sample, [B], in the compute dtype."""
+def density_ratios_ref(features, labels, prototypes, seen, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """One density ratio per sample, [B], in the compute dtype (docs/algorithm.md,
+    "Density ratios")."""
     z = features.detach().to(torch.float64)
     protos = prototypes.detach().to(torch.float64)
     ratios = torch.ones(len(labels), dtype=torch.float64)
@@ -79,20 +77,27 @@ def class_factors_ref(class_counts, reweight: str, beta: float = 0.9999) -> torc
 
 def sample_weights_ref(ratios, labels, class_counts, reweight: str = "rdr", temperature: float = 1.0,
                        beta: float = 0.9999, warmup: bool = False) -> torch.Tensor:
-    """SPEC §2 step 2: w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1. [B]"""
-    batch = len(labels)
-    if reweight == "none" or warmup:
-        return torch.ones(batch, dtype=ratios.dtype)
+    """w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1, for a reweighting. [B]"""
     factors = class_factors_ref(class_counts, reweight, beta)
+    return weights_from_factors_ref(ratios, labels, factors, weight_mode(reweight, warmup), temperature)
+
+
+def weights_from_factors_ref(ratios, labels, class_factors, mode: str, temperature: float = 1.0) -> torch.Tensor:
+    """w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1, for one of the op's weight
+    modes: r ≡ 1 for "class_factor", w ≡ 1 for "uniform". [B]"""
+    batch = len(labels)
+    if mode == "uniform":
+        return torch.ones(batch, dtype=ratios.dtype)
     weights = torch.empty(batch, dtype=ratios.dtype)
     for j in range(batch):
-        r = ratios[j] if reweight == "rdr" else 1.0
-        weights[j] = (r * factors[labels[j]].item()) ** temperature
+        r = ratios[j] if mode == "density_ratio" else 1.0
+        weights[j] = (r * class_factors[labels[j]].item()) ** temperature
     return weights * batch / weights.sum()
 
 
 def update_prototypes_ref(prototypes, seen, features, labels, momentum: float = 0.9):
-    """SPEC §2 step 4, out of place: returns (new_prototypes, new_seen)."""
+    """The prototype update (docs/algorithm.md, "Prototype update"), out of place:
+    returns (new_prototypes, new_seen)."""
     protos = prototypes.clone()
     seen = seen.clone()
     z = features.detach().to(compute_dtype(features.dtype))
@@ -108,7 +113,8 @@ def update_prototypes_ref(prototypes, seen, features, labels, momentum: float = 
 
 def per_sample_loss_ref(logits, labels, base: str = "ce", class_counts=None, tau: float = 1.0,
                         focal_gamma: float = 1.0) -> torch.Tensor:
-    """SPEC §2 step 3's ℓ_j, one sample at a time. [B] in the logits' compute dtype."""
+    """The base loss ℓ_j of each sample (docs/algorithm.md, "Base losses"), one sample at
+    a time. [B] in the logits' compute dtype."""
     logits = logits.to(compute_dtype(logits.dtype))
     if base == "la":
         counts = torch.as_tensor(class_counts, dtype=torch.float64)
@@ -124,9 +130,9 @@ def per_sample_loss_ref(logits, labels, base: str = "ce", class_counts=None, tau
 
 
 def rdr_loss_ref(features, logits, labels, prototypes, seen, class_counts, *, base="ce", reweight="rdr",
-                 temperature=1.0, beta=0.9999, tau=1.0, focal_gamma=1.0, ridge=1e-5, momentum=0.9,
+                 temperature=1.0, beta=0.9999, tau=1.0, focal_gamma=1.0, ridge=DEFAULT_RIDGE, momentum=0.9,
                  warmup=False, update=True):
-    """One whole RDR step (SPEC §2 steps 1-4) as the spec orders them.
+    """One whole RDR step in the algorithm's order: ratios, weights, loss, prototype update.
 
     Returns (loss, weights, new_prototypes, new_seen); the state is unchanged when
     update is False (eval mode).
@@ -139,3 +145,43 @@ def rdr_loss_ref(features, logits, labels, prototypes, seen, class_counts, *, ba
         prototypes, seen = update_prototypes_ref(prototypes, seen, features, labels, momentum)
     return loss, weights, prototypes, seen
 
+
+
+# ---- the reference behind the ops' signatures (RDR_FAST_IMPL=reference) ----------------------
+def rdr_weights_and_update_ref(features, labels, prototypes, seen, class_factors, ridge: float, temperature: float,
+                               momentum: float, mode: str, update: bool) -> torch.Tensor:
+    """The op rdr_weights_and_update by the reference loop (CPU): weights from the current
+    prototypes, then (if ``update``) the prototype update, in place."""
+    check_weight_mode(mode)
+    ratios = density_ratios_ref(features, labels, prototypes, seen, ridge)
+    weights = weights_from_factors_ref(ratios, labels, class_factors.to(torch.float64), mode, temperature)
+    if update:
+        new_protos, new_seen = update_prototypes_ref(prototypes, seen, features, labels, momentum)
+        prototypes.copy_(new_protos)
+        seen.copy_(new_seen)
+    return weights
+
+
+def weighted_loss_ref(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool):
+    """The op weighted_loss by the reference loop (CPU): (L = Σ w ℓ / B, ∂L/∂logits by
+    autograd, or an empty tensor). ``focal_gamma`` 0 is CE; LA passes τ·log π as the
+    adjust.
+
+    Inside an op's kernel autograd records nothing on the calling thread (the dispatcher
+    has switched it off there), so the loss and its gradient are taken on a fresh thread.
+    """
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(_loss_and_grad_ref, logits, labels, weights, logit_adjust, focal_gamma,
+                             compute_grad).result()
+
+
+def _loss_and_grad_ref(logits, labels, weights, logit_adjust, focal_gamma: float, compute_grad: bool):
+    x = logits.detach().to(compute_dtype(logits.dtype)).requires_grad_(True)
+    adjusted = x if logit_adjust is None else x + logit_adjust.to(x.dtype)
+    base = "ce" if focal_gamma == 0.0 else "focal"
+    losses = per_sample_loss_ref(adjusted, labels, base, focal_gamma=focal_gamma)
+    loss = (weights.detach().to(x.dtype) * losses).sum() / len(labels)
+    if not compute_grad:
+        return loss.detach(), logits.new_empty(0)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad.to(logits.dtype)

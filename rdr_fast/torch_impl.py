@@ -20,12 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-RATIO_FLOOR = 1e-9  # SPEC §2: r ← max(r, 1e-9)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; fp32, bf16 and fp16 are computed in float32 (SPEC §2)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .constants import RATIO_FLOOR, check_weight_mode, compute_dtype
 
 
 class BatchClasses(NamedTuple):
@@ -114,7 +109,8 @@ def _large_class_ratios(z, first, large, lam, protos_y):
 
 
 def density_ratios_torch(features, labels, protos, seen, ridge: float) -> torch.Tensor:
-    """SPEC §2 step 1: ratios [B] in the compute dtype of features [B,K]."""
+    """The density ratios [B] in the compute dtype of features [B,K] (docs/algorithm.md,
+    "Density ratios")."""
     return _density_ratios(features, gather_classes(labels, protos, seen), ridge)
 
 
@@ -138,13 +134,13 @@ def _density_ratios(features, classes: BatchClasses, ridge: float) -> torch.Tens
     return ratios.to(compute_dtype(features.dtype))
 
 
-def sample_weights_torch(ratios, labels, class_factors, temperature: float, use_ratios: bool,
-                         uniform: bool) -> torch.Tensor:
-    """SPEC §2 step 2: w = (r · factor_y)^γ normalised to batch mean 1; ones if uniform."""
-    if uniform:
+def sample_weights_torch(ratios, labels, class_factors, temperature: float, mode: str) -> torch.Tensor:
+    """w = (r · factor_y)^γ normalised to batch mean 1; r ≡ 1 for mode "class_factor", and
+    ones for "uniform" (docs/algorithm.md, "Weights")."""
+    if mode == "uniform":
         return torch.ones_like(ratios)
     weights = class_factors.to(ratios.dtype)[labels]
-    if use_ratios:
+    if mode == "density_ratio":
         weights = weights * ratios
     if temperature != 1.0:
         weights = weights.pow(temperature)
@@ -152,7 +148,8 @@ def sample_weights_torch(ratios, labels, class_factors, temperature: float, use_
 
 
 def update_prototypes_torch_(protos, seen, z, labels, classes: BatchClasses, momentum: float) -> None:
-    """SPEC §2 step 4, in place on protos [C,K] and seen [C]; touches only present classes.
+    """The prototype update (docs/algorithm.md, "Prototype update"), in place on protos
+    [C,K] and seen [C]; touches only present classes.
 
     Class means are accumulated per *batch slot* (the first batch index of each class),
     so the scratch memory is [B, K] whatever C is (C may be 100 000).
@@ -173,8 +170,8 @@ def class_sums(z, labels, num_classes: int) -> torch.Tensor:
 
 
 def update_prototypes_from_sums_(protos, seen, sums_and_counts, momentum: float) -> None:
-    """SPEC §2 step 4 from per-class sums and counts ([C, K+1], e.g. all-reduced over
-    ranks), in place; classes with count 0 keep their prototype."""
+    """The prototype update from per-class sums and counts ([C, K+1], e.g. all-reduced
+    over ranks), in place; classes with count 0 keep their prototype."""
     counts = sums_and_counts[:, -1]
     present = counts > 0
     mean = sums_and_counts[:, :-1] / counts.clamp_min(1)[:, None]
@@ -185,17 +182,18 @@ def update_prototypes_from_sums_(protos, seen, sums_and_counts, momentum: float)
 
 
 def rdr_weights_and_update_torch(features, labels, prototypes, seen, class_factors, ridge: float,
-                                 temperature: float, momentum: float, use_ratios: bool,
-                                 uniform: bool, update: bool) -> torch.Tensor:
-    """Steps 1, 2 and 4: weights from the current prototypes, then the in-place update."""
+                                 temperature: float, momentum: float, mode: str, update: bool) -> torch.Tensor:
+    """The op rdr_weights_and_update: weights from the current prototypes, then the
+    in-place update. ``mode`` is one of rdr_fast.constants.WEIGHT_MODES."""
+    check_weight_mode(mode)
     dtype = compute_dtype(features.dtype)
     z = features.detach().to(dtype)
     classes = gather_classes(labels, prototypes, seen)
-    if use_ratios and not uniform:
+    if mode == "density_ratio":
         ratios = _density_ratios(features, classes, ridge)
     else:
         ratios = torch.ones(len(labels), dtype=dtype, device=z.device)
-    weights = sample_weights_torch(ratios, labels, class_factors, temperature, use_ratios, uniform)
+    weights = sample_weights_torch(ratios, labels, class_factors, temperature, mode)
     if update:
         update_prototypes_torch_(prototypes, seen, z, labels, classes, momentum)
     return weights
@@ -203,7 +201,7 @@ def rdr_weights_and_update_torch(features, labels, prototypes, seen, class_facto
 
 def weighted_loss_torch(logits, labels, weights, logit_adjust, focal_gamma: float,
                         compute_grad: bool):
-    """Step 3 forward and its gradient in one pass over the logits.
+    """The op weighted_loss: the loss and its gradient in one pass over the logits.
 
     ℓ_j = −(1−p_j)^γ log p_j with p_j = softmax(logits_j + adjust)_{y_j} (γ = 0 is CE,
     LA passes τ·log π as adjust). Returns (L = Σ w ℓ / B, ∂L/∂logits or an empty tensor).

@@ -38,10 +38,8 @@ def long_tail_batch(batch, num_classes, dim, dtype=torch.float32, seen_fraction=
     return features, labels, protos, torch.rand(num_classes) < seen_fraction, counts
 
 
-def weights_args(features, labels, protos, seen, counts, temperature=1.0, use_ratios=True, uniform=False,
-                 update=True):
-    return (features, labels, protos, seen, Fn.class_factors(counts), 1e-5, temperature, 0.9, use_ratios, uniform,
-            update)
+def weights_args(features, labels, protos, seen, counts, temperature=1.0, mode="density_ratio", update=True):
+    return (features, labels, protos, seen, Fn.class_factors(counts), 1e-5, temperature, 0.9, mode, update)
 
 
 def expected_step(features, labels, protos, seen, counts, temperature=1.0):
@@ -91,11 +89,11 @@ def test_unusual_layouts_and_dtypes_match_the_torch_path(layout):
     assert torch.equal(got_state[1], expected_state[1])
 
 
-@pytest.mark.parametrize("uniform,use_ratios,update", [(True, True, True), (False, False, True), (False, True, False)])
-def test_modes_that_skip_the_solve_or_the_update(uniform, use_ratios, update):
+@pytest.mark.parametrize("mode,update", [("uniform", True), ("class_factor", True), ("density_ratio", False)])
+def test_modes_that_skip_the_solve_or_the_update(mode, update):
     features, labels, protos, seen, counts = long_tail_batch(64, 10, 8)
-    args = weights_args(features, labels, protos.clone(), seen.clone(), counts, 2.0, use_ratios, uniform, update)
-    got_args = weights_args(features, labels, protos.clone(), seen.clone(), counts, 2.0, use_ratios, uniform, update)
+    args = weights_args(features, labels, protos.clone(), seen.clone(), counts, 2.0, mode, update)
+    got_args = weights_args(features, labels, protos.clone(), seen.clone(), counts, 2.0, mode, update)
     torch.testing.assert_close(WEIGHTS_OP(*got_args), torch_impl.rdr_weights_and_update_torch(*args))
     torch.testing.assert_close(got_args[2], args[2])
     assert torch.equal(got_args[2], protos) != update
@@ -177,7 +175,7 @@ def opcheck_weights_samples():
     features, labels, protos, seen, counts = long_tail_batch(40, 2, 4, dtype=torch.bfloat16)  # b_c > K
     yield weights_args(features, labels, protos.float(), seen, counts, 0.5)
     features, labels, protos, _, counts = long_tail_batch(16, 5, 8)
-    yield weights_args(features, labels, protos, torch.zeros(5, dtype=torch.bool), counts, uniform=True)
+    yield weights_args(features, labels, protos, torch.zeros(5, dtype=torch.bool), counts, mode="uniform")
 
 
 @pytest.mark.parametrize("index", range(3))

@@ -77,6 +77,16 @@ def test_prototypes_identical_across_ranks_and_equal_single_process(tmp_path):
     assert torch.equal(ranks[0]["seen"], seen)
 
 
+def test_global_prototype_update_without_a_process_group_is_the_local_update():
+    protos = torch.randn(5, 8, dtype=torch.float64)
+    seen = torch.tensor([True, False, True, False, True])
+    feats, _, labels = global_batch(0)
+    expected_protos, expected_seen = reference.update_prototypes_ref(protos, seen, feats, labels, momentum=0.8)
+    distributed.update_prototypes_global_(protos, seen, feats, labels, 0.8)
+    torch.testing.assert_close(protos, expected_protos, rtol=1e-12, atol=1e-12)
+    assert torch.equal(seen, expected_seen)
+
+
 def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
     ranks = spawn(_batchnorm_worker, tmp_path)
     torch.manual_seed(0)

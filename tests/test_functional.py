@@ -9,6 +9,7 @@ import rdr_fast
 from rdr_fast import functional as Fn
 from rdr_fast import reference as ref
 from rdr_fast import torch_impl
+from rdr_fast.constants import weight_mode
 
 # (B, C, K): realistic shapes, b_c > K (the K×K path: several slots, and a single slot
 # when B < 2(K+1)), single sample, single class, K = 1.
@@ -35,7 +36,7 @@ def run_weights(kernel, features, labels, protos, seen, counts, reweight="rdr", 
                                          temperature=temperature, warmup=warmup)
     factors = Fn.class_factors(counts, reweight)
     return torch_impl.rdr_weights_and_update_torch(features, labels, protos, seen, factors, 1e-5, temperature, 0.9,
-                                                   reweight == "rdr", reweight == "none" or warmup, True)
+                                                   weight_mode(reweight, warmup), True)
 
 
 def loss_and_grad(kernel, logits, labels, weights, base="ce", counts=None, tau=1.0, focal_gamma=1.0):

@@ -10,7 +10,8 @@ import torch
 
 import rdr_fast
 from rdr_fast import functional as Fn
-from rdr_fast import torch_impl
+from rdr_fast import reference, torch_impl
+from rdr_fast.constants import RATIO_FLOOR, WEIGHT_MODES, weight_mode
 from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
 
@@ -18,7 +19,7 @@ def weights_args(dtype=torch.float64, batch=24, num_classes=6, dim=8):
     counts = long_tail_counts(num_classes)
     labels = long_tail_labels(batch, counts)
     return (torch.randn(batch, dim, dtype=dtype), labels, torch.randn(num_classes, dim, dtype=dtype),
-            torch.rand(num_classes) < 0.7, Fn.class_factors(counts), 1e-5, 1.0, 0.9, True, False, True)
+            torch.rand(num_classes) < 0.7, Fn.class_factors(counts), 1e-5, 1.0, 0.9, "density_ratio", True)
 
 
 def loss_args(dtype=torch.float64, requires_grad=True, adjust=False, gamma=0.0):
@@ -56,6 +57,85 @@ def test_gradcheck_weighted_loss(base):
     def fn(x):
         return Fn.weighted_loss(x, labels, weights, base=base, class_counts=[30, 10, 3, 1], focal_gamma=1.5)
     assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def weights_kernel(backend: str):
+    """The CPU kernel of ``rdr_weights_and_update`` of one backend, with the op's signature.
+    "op" is what the op dispatches to on the CPU (C++ when rdr_fast._C is built); "triton"
+    runs in Triton's interpreter."""
+    if backend == "op":
+        return torch.ops.rdr_fast.rdr_weights_and_update.default
+    if backend == "torch":
+        return torch_impl.rdr_weights_and_update_torch
+    if backend == "reference":
+        return reference.rdr_weights_and_update_ref
+    pytest.importorskip("triton")
+    from rdr_fast.kernels import rdr_weights_and_update_triton
+    return rdr_weights_and_update_triton
+
+
+WEIGHT_BACKENDS = ["op", "torch", "reference", "triton"]
+
+
+def backend_id(backend: str) -> str:
+    return f"op-{rdr_fast.backends()['rdr_weights_and_update']['cpu']}" if backend == "op" else backend
+
+
+@pytest.mark.parametrize("backend", WEIGHT_BACKENDS, ids=backend_id)
+def test_every_backend_clamps_ratios_at_the_shared_floor(backend):
+    """C++ and Triton repeat rdr_fast.constants.RATIO_FLOOR as a literal: an all-zero class
+    (ratio 0, clamped) next to a class never seen (ratio 1) gives weights in the ratio
+    RATIO_FLOOR : 1 on every backend."""
+    features = torch.zeros(4, 3, dtype=torch.float64)
+    features[2:] = torch.randn(2, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    protos, seen = torch.randn(2, 3, dtype=torch.float64), torch.tensor([True, False])
+    weights = weights_kernel(backend)(features, labels, protos, seen, torch.ones(2, dtype=torch.float64), 1e-5,
+                                      1.0, 0.9, "density_ratio", False)
+    torch.testing.assert_close(weights[:2] / weights[2:], torch.full((2,), RATIO_FLOOR, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", WEIGHT_BACKENDS, ids=backend_id)
+def test_every_backend_refuses_an_unknown_mode_with_one_message(backend):
+    protos, seen = torch.zeros(2, 3), torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(ValueError) as err:
+        weights_kernel(backend)(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), protos, seen, torch.ones(2), 1e-5,
+                                1.0, 0.9, "rdr", True)
+    assert str(err.value) == f"rdr_weights_and_update: mode must be one of {WEIGHT_MODES}, got 'rdr'"
+    assert not seen.any() and not protos.any(), "refused before any state change"
+
+
+def test_triton_launchers_take_block_sizes():
+    """Other block sizes (run in Triton's interpreter) give the same results as the
+    defaults; malformed ones are refused by name."""
+    pytest.importorskip("triton")
+    from rdr_fast.kernels import rdr_weights_and_update_triton, weighted_loss_triton
+
+    features, labels, protos, seen, *rest = weights_args()
+    states = [(protos.clone(), seen.clone()) for _ in range(2)]
+    default, blocked = (rdr_weights_and_update_triton(features, labels, *state, *rest, block_sizes=sizes)
+                        for state, sizes in zip(states, (None, (32, 32, 1))))
+    torch.testing.assert_close(blocked, default, rtol=1e-12, atol=0)
+    torch.testing.assert_close(states[1][0], states[0][0], rtol=1e-12, atol=0)
+    logits, labels = torch.randn(3, 600, dtype=torch.float64), torch.tensor([5, 300, 599])
+    weights = torch.rand(3, dtype=torch.float64)
+    default, chunked = (weighted_loss_triton(logits, labels, weights, None, 1.5, True, block_sizes=sizes)
+                        for sizes in (None, (64, 1)))
+    torch.testing.assert_close(chunked, default, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="block_sizes must be 2 positive powers of two"):
+        weighted_loss_triton(logits, labels, weights, None, 0.0, True, block_sizes=(48, 1))
+    with pytest.raises(ValueError, match="block_sizes must be 3 positive powers of two"):
+        rdr_weights_and_update_triton(features, labels, protos, seen, *rest, block_sizes=(16, 16))
+
+
+@pytest.mark.parametrize("reweight,warmup,mode", [
+    ("rdr", False, "density_ratio"), ("inv_freq", False, "class_factor"), ("cb", False, "class_factor"),
+    ("none", False, "uniform"), ("rdr", True, "uniform"), ("cb", True, "uniform")])
+def test_weight_mode_of_each_reweighting(reweight, warmup, mode):
+    assert weight_mode(reweight, warmup) == mode
+    with pytest.raises(ValueError, match="reweight must be one of"):
+        weight_mode("ldam")
 
 
 def test_backends_are_reported():
@@ -123,7 +203,7 @@ def test_torch_path_traces_without_graph_breaks(shape):
 
     def step(protos, seen):
         return torch_impl.rdr_weights_and_update_torch(features, labels, protos, seen, factors, 1e-5, 1.0, 0.9,
-                                                       True, False, True)
+                                                       "density_ratio", True)
     state = [torch.randn(num_classes, dim), torch.rand(num_classes) < 0.8]
     compiled_state = [t.clone() for t in state]
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -1,6 +1,10 @@
 """The reference (the executable spec) against independent formulas."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +117,36 @@ def test_reference_loss_gradcheck():
     def loss_of(x):
         return ref.rdr_loss_ref(feats, x, labels, protos, seen, [9, 5, 3, 1], base="focal", update=False)[0]
     assert torch.autograd.gradcheck(loss_of, (logits,))
+
+
+_REFERENCE_BACKEND_SCRIPT = """
+import torch, rdr_fast
+from rdr_fast import reference as ref
+assert {devices["cpu"] for devices in rdr_fast.backends().values()} == {"reference"}
+torch.manual_seed(0)
+counts, labels = [9, 5, 3, 1], torch.tensor([0, 0, 1, 2, 3, 0, 1, 0])
+crit = rdr_fast.RDRLoss(counts, 3, base="focal", focal_gamma=1.5).double()
+protos, seen = crit.prototypes.clone(), crit.seen.clone()
+for _ in range(2):  # the second step has prototypes: density ratios
+    feats = torch.randn(8, 3, dtype=torch.float64)
+    logits = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    loss = crit(feats, logits, labels)
+    loss.backward()
+    x = logits.detach().clone().requires_grad_(True)
+    expected, _, protos, seen = ref.rdr_loss_ref(feats, x, labels, protos, seen, counts, base="focal",
+                                                 focal_gamma=1.5)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(logits.grad, x.grad, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(crit.prototypes, protos, rtol=1e-12, atol=1e-15)
+print("ok")
+"""
+
+
+def test_rdrloss_on_the_reference_backend_follows_the_reference():
+    """RDR_FAST_IMPL=reference registers the reference behind the ops' signatures as the
+    CPU kernels: RDRLoss's gradient and prototypes are then the reference's own."""
+    done = subprocess.run([sys.executable, "-c", _REFERENCE_BACKEND_SCRIPT], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "RDR_FAST_IMPL": "reference"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "ok"

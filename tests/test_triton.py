@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 import rdr_fast  # noqa: E402
 from rdr_fast import functional as Fn  # noqa: E402
 from rdr_fast import reference as ref  # noqa: E402
+from rdr_fast.constants import weight_mode  # noqa: E402
 from rdr_fast.kernels import rdr_weights_and_update_triton, weighted_loss_triton  # noqa: E402
 from rdr_fast.kernels import rdr_weights_and_update as weights_module  # noqa: E402
 from rdr_fast.kernels._utils import interpreting  # noqa: E402
@@ -62,7 +63,7 @@ def run_triton(device, features, labels, protos, seen, counts, reweight="rdr", t
     p, s = protos.to(device), seen.to(device)
     w = rdr_weights_and_update_triton(features.to(device), labels.to(device), p, s,
                                       Fn.class_factors(counts, reweight).to(device), 1e-5, temperature, 0.9,
-                                      reweight == "rdr", reweight == "none" or warmup, update)
+                                      weight_mode(reweight, warmup), update)
     return w.cpu(), p.cpu(), s.cpu()
 
 
@@ -311,7 +312,7 @@ def test_no_host_reads_in_the_gpu_path():
     logits = torch.randn(64, 6, requires_grad=True)
     crit = rdr_fast.RDRLoss(counts, 16, base="la", warmup_steps=2, validate=False)
     with HostReads() as mode:
-        rdr_weights_and_update_triton(features, labels, protos, seen, factors, 1e-5, 0.5, 0.9, True, False, True)
+        rdr_weights_and_update_triton(features, labels, protos, seen, factors, 1e-5, 0.5, 0.9, "density_ratio", True)
         weighted_loss_triton(logits.detach(), labels, torch.ones(64), factors, 1.5, True)
         crit(features.float(), logits, labels).backward()
     assert mode.reads == []
