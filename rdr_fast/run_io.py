@@ -154,6 +154,16 @@ def export_weights(model, path: str) -> str:
     return "torch"
 
 
+def load_weights(path: str) -> dict:
+    """The {name: tensor} dict export_weights wrote, in either format, without running code."""
+    with open(path, "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if zipped:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
 def write_metrics(folder: str, history: list[dict]) -> None:
     """Rewrite metrics.csv from the whole history (so a resumed run has one clean file)."""
     if not history:
