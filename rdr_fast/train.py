@@ -94,7 +94,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m rdr_fast.train", description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
+                     epilog="Exit status 2: a bad flag; 1: the run failed (RDR_FAST_DEBUG=1 shows why "
+                            "with a traceback). See docs/reliability.md.",
+                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         default = argparse.SUPPRESS if suppress_defaults else field.default
