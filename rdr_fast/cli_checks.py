@@ -124,7 +124,8 @@ def _model_fits_dataset(cfg) -> str | None:
 
 def _data_source(cfg) -> str | None:
     if cfg.dataset == "digits_lt" and (cfg.data_root or cfg.download):
-        return f"{'--data-root' if cfg.data_root else '--download'} does not apply to digits_lt (scikit-learn bundles it)"
+        given = "--data-root" if cfg.data_root else "--download"
+        return f"{given} does not apply to digits_lt (scikit-learn bundles it)"
     if cfg.dataset in FILE_LISTS and cfg.download:
         return (f"--download: {cfg.dataset} cannot be downloaded automatically; get the images "
                 "and the OLTR list files, then pass --data-root DIR")

@@ -287,6 +287,15 @@ RUN_FAILURES = (RunFailure, DataNotFoundError, run_io.CheckpointError, FloatingP
                 torch.cuda.OutOfMemoryError)
 
 
+class Refused(SystemExit):
+    """Exit status 2, as for argparse's refusals; str() is the message (already printed),
+    so that callers of main() in-process can read it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
 def main(argv=None) -> dict:
     """The CLI: {"finished", "history", "out"} of the run. A bad flag prints one `error:`
     line on stderr and exits with status 2, a failure during the run one `error:` line
@@ -294,8 +303,9 @@ def main(argv=None) -> dict:
     try:
         cfg = configure(argv)
     except UsageError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        message = f"error: {_one_line(exc)}"
+        print(message, file=sys.stderr)
+        raise Refused(message) from None
     try:
         return export_run(cfg) if cfg.resume and cfg.export else run(cfg)
     except RUN_FAILURES as exc:

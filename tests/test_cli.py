@@ -13,6 +13,7 @@ makes the process test run every row.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import subprocess
@@ -167,7 +168,7 @@ def test_bad_input_is_refused_before_any_work(kind, args, must_name, scene, caps
     before = tree(scene["tmp"])
     with pytest.raises(SystemExit) as exc:
         train.main(arguments(args, scene))
-    assert exc.value.code == 2
+    assert exc.value.code == 2 and str(exc.value).startswith("error: ")
     captured = capsys.readouterr()
     assert_one_error_line(captured.err, must_name)
     assert captured.out == ""
@@ -198,7 +199,7 @@ def test_bad_inputs_are_refused_by_the_process(scene):
 
 
 def test_every_numeric_flag_has_a_range():
-    numeric = {f.name for f in train.dataclasses.fields(train.Config) if f.type.split(" ")[0] in ("int", "float")}
+    numeric = {f.name for f in dataclasses.fields(train.Config) if f.type.split(" ")[0] in ("int", "float")}
     assert numeric == set(cli_checks.RANGES)
 
 
