@@ -3,7 +3,10 @@
 A run folder holds:
     config.json      the full configuration (and the git commit, when known)
     checkpoint.pt    the latest completed epoch: model, optimizer, scheduler, RDRLoss
-                     state, RNG states, metric history; replaced atomically each epoch
+                     state, RNG states, metric history; replaced atomically each epoch.
+                     Tensors and plain values only, so torch.load(weights_only=True)
+                     reads it, and that is the only way it is read: opening a checkpoint
+                     never runs code, even one from someone else
     metrics.csv      one row per evaluated epoch
     summary.json     final metrics, per-class accuracy, class counts, label map
     weights.png      mean RDR weight per Many/Medium/Few split over training (paper Fig. 7)
@@ -12,9 +15,12 @@ A run folder holds:
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
+import pickle
 import random
+import re
 import subprocess
 import tempfile
 
@@ -60,42 +66,102 @@ def git_commit() -> str | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers (weights_only-loadable)."""
+    version, words, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
+                        "gauss_next": gauss_next},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what rng_state() returned."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss_next"]))
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(folder: str, state: dict) -> None:
+    """Replace folder/checkpoint.pt atomically. `state` must hold only tensors and plain
+    values (dict, list, tuple, str, int, float, bool, None), which load_checkpoint reads."""
     atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(state, f))
 
 
-def load_checkpoint(folder: str, identity: dict) -> dict:
-    """Load folder/checkpoint.pt and check it belongs to the experiment `identity`
-    describes (dataset, model, class counts, ...); CheckpointError otherwise."""
+def load_checkpoint(folder: str, identity: dict | None = None) -> dict:
+    """Load folder/checkpoint.pt with torch.load(weights_only=True), so that a file holding
+    pickled Python objects is refused instead of run; with `identity`, check the file
+    belongs to the experiment it describes (dataset, model, class counts, ...).
+    CheckpointError otherwise."""
     path = os.path.join(folder, CHECKPOINT)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint to resume from: {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # any unpickling failure means the file is unusable
-        raise CheckpointError(f"checkpoint {path} is corrupt and cannot be read ({type(exc).__name__}: "
-                              f"{exc}); delete it or resume from another run") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(f"refusing {path}: it holds a pickled Python object ({found[0]}) whose "
+                                  "loading could run arbitrary code; rdr_fast checkpoints hold only "
+                                  "tensors and plain values") from None
+        raise CheckpointError(_corrupt(path, exc)) from None
+    except Exception as exc:  # any other read failure means the file is unusable
+        raise CheckpointError(_corrupt(path, exc)) from None
     saved = state.get("identity") if isinstance(state, dict) else None
     if saved is None:
         raise CheckpointError(f"{path} is not an rdr_fast training checkpoint")
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in (identity or {}).items()
+             if saved.get(k) != v]
     if diffs:
         raise CheckpointError(f"checkpoint {path} belongs to another experiment; " + "; ".join(diffs))
     return state
+
+
+def _corrupt(path: str, exc: Exception) -> str:
+    reason = " ".join(str(exc).split())[:200]   # torch's messages run over many lines
+    return (f"checkpoint {path} is corrupt and cannot be read ({type(exc).__name__}: {reason}); "
+            "delete it or resume from another run")
+
+
+def safetensors_available() -> bool:
+    return importlib.util.find_spec("safetensors") is not None
+
+
+def export_weights(model, path: str) -> str:
+    """Write the weights alone, for sharing: `model` is an nn.Module or its state_dict.
+
+    With the safetensors package installed the file is safetensors (read it with
+    safetensors.torch.load_file); otherwise it is a plain state_dict of tensors written
+    by torch.save (read it with torch.load(path, weights_only=True)). Either way it
+    holds no code. Written atomically. Returns the format: "safetensors" or "torch".
+    """
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    # Own CPU copies: safetensors refuses tensors that share memory.
+    tensors = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.items()}
+    if safetensors_available():
+        from safetensors.torch import save
+        atomic_write(path, lambda f: f.write(save(tensors)))
+        return "safetensors"
+    atomic_write(path, lambda f: torch.save(tensors, f))
+    return "torch"
+
+
+def load_weights(path: str) -> dict:
+    """The {name: tensor} dict export_weights wrote, in either format, without running code."""
+    with open(path, "rb") as handle:
+        zipped = handle.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if zipped:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+    return load_file(path)
 
 
 def write_metrics(folder: str, history: list[dict]) -> None:

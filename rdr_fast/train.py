@@ -6,7 +6,13 @@ CNN, CE + RDR, the paper's protocol otherwise (SGD 0.9, wd 2e-4, lr 0.1 cosine, 
 Each epoch: train, evaluate every `--eval-every` epochs and at the end (overall / Many /
 Medium / Few / per class, a metrics.csv row), replace the checkpoint atomically; the
 plots are drawn when the run ends. `--resume DIR` continues a
-run exactly where its last completed epoch left it.
+run exactly where its last completed epoch left it; `--export FILE` writes the model's
+weights alone for sharing (with `--resume DIR`: only that, no training).
+
+Every flag is checked before any work starts (rdr_fast.cli_checks): a bad one is refused
+with one `error:` line and exit status 2. A run that fails on its way (missing or corrupt
+data, an unreadable checkpoint, a full disk, a non-finite loss) stops with one `error:`
+line and exit status 1; set RDR_FAST_DEBUG=1 to get the traceback instead.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import RDRLoss, distributed, run_io
+from . import RDRLoss, cli_checks, distributed, run_io
+from .cli_checks import UsageError
 from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
 from .models import MODELS, build_model, default_model
 from .sam import VARIANTS, make_optimizer
@@ -68,6 +75,7 @@ class Config:
     out: str | None = None            # default runs/<dataset>-<method>-<timestamp>
     resume: str | None = None         # run folder to continue
     stop_after: int | None = None     # stop after this many epochs of this invocation (resume later)
+    export: str | None = None         # write the model's weights here when this invocation ends
     quiet: bool = False
 
 
@@ -77,9 +85,19 @@ CHOICES = {"dataset": DATASETS, "model": tuple(MODELS), "loss": ("ce", "focal", 
 IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed", "sam")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose own refusals (unknown flag, value of the wrong type) are UsageErrors,
+    so that every bad flag is reported the same way."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rdr_fast.train", description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    parser = _Parser(prog="python -m rdr_fast.train", description=__doc__.split("\n")[0],
+                     epilog="Exit status 2: a bad flag; 1: the run failed (RDR_FAST_DEBUG=1 shows why "
+                            "with a traceback). See docs/reliability.md.",
+                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         default = argparse.SUPPRESS if suppress_defaults else field.default
@@ -93,18 +111,41 @@ def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> Config:
     """Flags over the defaults; with --resume DIR, flags over DIR/config.json, so that
-    `--resume DIR` alone continues the run as it was configured."""
+    `--resume DIR` alone continues the run as it was configured. UsageError for a flag
+    argparse refuses or an unreadable config.json; values are checked by configure()."""
     args = vars(_parser(False).parse_args(argv))
     if args["resume"]:
         explicit = vars(_parser(True).parse_args(argv))
-        saved_path = os.path.join(args["resume"], "config.json")
-        if not os.path.isfile(saved_path):
-            sys.exit(f"error: cannot resume: {saved_path} does not exist (is {args['resume']} a run folder?)")
-        with open(saved_path) as handle:
-            saved = json.load(handle)
         fields = {f.name for f in dataclasses.fields(Config)}
-        args = {**{k: v for k, v in saved.items() if k in fields}, "stop_after": None, **explicit}
+        saved = {k: v for k, v in _saved_config(args["resume"]).items() if k in fields}
+        # Where to stop and what to export belong to each invocation; the run lives where it is now.
+        args = {**saved, "stop_after": None, "export": None, "out": None, **explicit}
     return Config(**args)
+
+
+def _saved_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {folder}: {path} does not exist (is it a run folder?)")
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
+        raise UsageError(f"--resume {folder}: cannot read {path} ({exc})") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume {folder}: {path} does not hold a configuration (a JSON object)")
+    return saved
+
+
+def configure(argv=None) -> Config:
+    """The run's resolved configuration, every flag checked against its range, the
+    dataset, the files it names and this machine before any work starts; UsageError
+    names the first bad flag."""
+    cfg = parse_args(argv)
+    cli_checks.check_values(cfg, CHOICES)
+    cfg = resolve(cfg)
+    cli_checks.check_setup(cfg)
+    return cfg
 
 
 def method_name(cfg: Config) -> str:
@@ -114,7 +155,8 @@ def method_name(cfg: Config) -> str:
 
 def resolve(cfg: Config) -> Config:
     """Fill the dataset-dependent defaults."""
-    batch = cfg.batch_size or (256 if cfg.dataset in ("imagenet_lt", "places_lt") else 128)
+    batch = cfg.batch_size if cfg.batch_size is not None else (
+        256 if cfg.dataset in ("imagenet_lt", "places_lt") else 128)
     out = cfg.resume or cfg.out or os.path.join(
         "runs", f"{cfg.dataset}-{method_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}")
     cuda = torch.cuda.is_available()
@@ -164,7 +206,7 @@ def train_epoch(cfg, epoch, model, forward, criterion, optimizer, loader, splits
         if step % 20 == 0 or step == len(loader) - 1:
             if int(distributed.all_reduce_(first_bad.clone(), "max")) >= 0:  # every rank stops together
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {int(first_bad) + 1}; "
-                                         "the last good checkpoint is kept")
+                                         f"the last good checkpoint in {cfg.out} is kept")
             bar.set_postfix(loss=f"{float(loss_sum) / (step + 1):.4f}",
                             img_s=f"{images / (time.perf_counter() - start):.0f}")
     for total in (weight_sum, seen_count, loss_sum):
@@ -197,17 +239,14 @@ def evaluate(cfg, model, loader, splits) -> dict:
 
 
 def identity(cfg: Config, ds) -> dict:
-    return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "class_counts": list(ds.class_counts)}
+    return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "class_counts": [int(n) for n in ds.class_counts]}
 
 
 def restore(cfg, ds, ctx, model, criterion, optimizer, scheduler):
     """Load the run's checkpoint into the objects; returns (next epoch, metric history).
     Each rank takes its own saved RNG state; with another world size than the saved
     run's, RNGs are re-seeded from (seed, epoch, rank) instead."""
-    try:
-        state = run_io.load_checkpoint(cfg.out, identity(cfg, ds))
-    except run_io.CheckpointError as exc:
-        sys.exit(f"error: {exc}")
+    state = run_io.load_checkpoint(cfg.out, identity(cfg, ds))
     for obj, key in ((model, "model"), (criterion, "criterion"), (optimizer, "optimizer"),
                      (scheduler, "scheduler")):
         obj.load_state_dict(state[key])
@@ -240,24 +279,73 @@ def finish(cfg, ds, ctx, model, test_loader, history) -> None:
           + run_io.summary_table(history[-1]))
 
 
+class RunFailure(RuntimeError):
+    """The run's inputs cannot be used (an unfit loader, a pretrained file for another model)."""
+
+
+# A run stopped by its inputs or its machine, not by a bug: one `error:` line, exit status 1.
+RUN_FAILURES = (RunFailure, DataNotFoundError, run_io.CheckpointError, FloatingPointError, OSError,
+                torch.cuda.OutOfMemoryError)
+
+
+class Refused(SystemExit):
+    """Exit status 2, as for argparse's refusals; str() is the message (already printed),
+    so that callers of main() in-process can read it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
 def main(argv=None) -> dict:
-    cfg = resolve(parse_args(argv))
+    """The CLI: {"finished", "history", "out"} of the run. A bad flag prints one `error:`
+    line on stderr and exits with status 2, a failure during the run one `error:` line
+    with status 1 (RDR_FAST_DEBUG=1: the traceback instead)."""
+    try:
+        cfg = configure(argv)
+    except UsageError as exc:
+        message = f"error: {_one_line(exc)}"
+        print(message, file=sys.stderr)
+        raise Refused(message) from None
+    try:
+        return export_run(cfg) if cfg.resume and cfg.export else run(cfg)
+    except RUN_FAILURES as exc:
+        if os.environ.get("RDR_FAST_DEBUG"):
+            raise
+        raise SystemExit(f"error: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:  # not "[Errno 28] ..."
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split())
+
+
+def export_run(cfg: Config) -> dict:
+    """--resume RUN --export FILE: the model of the run's last completed epoch, finished
+    or not, written to FILE; nothing is trained or written into the run."""
+    state = run_io.load_checkpoint(cfg.out)
+    kind = run_io.export_weights(state["model"], cfg.export)
+    if not cfg.quiet:
+        print(f"{cfg.out} after epoch {state['epoch']}/{cfg.epochs}: weights written to {cfg.export} ({kind})")
+    return {"finished": state["epoch"] == cfg.epochs, "history": state["history"], "out": cfg.out}
+
+
+def run(cfg: Config) -> dict:
+    """Train (or continue) the run `cfg` describes; configure() has checked it."""
     ctx = distributed.init_distributed(cfg.device)
     cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device),
                               quiet=cfg.quiet or not ctx.is_main)
     torch.manual_seed(cfg.seed + ctx.rank)
-    try:
-        ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor,
-                          noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download)
-    except DataNotFoundError as exc:
-        sys.exit(f"error: {exc}")
+    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor,
+                      noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download)
     try:
         train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
                                                  loader=cfg.loader, device=cfg.device, shard_id=ctx.rank,
                                                  num_shards=ctx.world_size)
-    except (ImportError, ValueError) as exc:  # DALI not installed, loader unfit for the dataset
-        sys.exit(f"error: {exc}")
-    model, forward, criterion, optimizer, scheduler = build(cfg, ds, ctx)
+        model, forward, criterion, optimizer, scheduler = build(cfg, ds, ctx)
+    except (ImportError, ValueError) as exc:  # DALI not installed, a pretrained file for another model
+        raise RunFailure(exc) from exc
     criterion.warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
     os.makedirs(cfg.out, exist_ok=True)
     start_epoch, history = 0, []
@@ -273,10 +361,7 @@ def main(argv=None) -> dict:
     for epoch in range(start_epoch, end_epoch):
         set_epoch(train_loader, epoch)
         tic = time.perf_counter()
-        try:
-            loss, weights = train_epoch(cfg, epoch, model, forward, criterion, optimizer, train_loader, ds.splits)
-        except FloatingPointError as exc:
-            sys.exit(f"error: {exc} in {cfg.out}")
+        loss, weights = train_epoch(cfg, epoch, model, forward, criterion, optimizer, train_loader, ds.splits)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -298,6 +383,8 @@ def main(argv=None) -> dict:
     finished = end_epoch == cfg.epochs and bool(history)
     if finished:
         finish(cfg, ds, ctx, model, test_loader, history)
+    if cfg.export and ctx.is_main:
+        run_io.export_weights(model, cfg.export)
     distributed.shutdown(ctx)
     return {"finished": finished, "history": history, "out": cfg.out}
 

@@ -1,14 +1,17 @@
-"""The training CLI end to end on digits_lt: outputs, resume equivalence, clear failures."""
+"""The training CLI end to end on digits_lt: outputs, resume equivalence, export, clear
+failures during a run (bad flags: test_cli.py)."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 
 import pytest
 import torch
 
-from rdr_fast import train
+from rdr_fast import run_io, train
+from rdr_fast.cli_checks import UsageError
 
 FAST = ["--epochs", "2", "--batch-size", "64", "--quiet"]
 
@@ -43,8 +46,8 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path):
     drop = {"epoch_seconds"}
     strip = [{k: v for k, v in row.items() if k not in drop} for row in straight["history"]]
     assert [{k: v for k, v in row.items() if k not in drop} for row in resumed["history"]] == strip
-    a = torch.load(os.path.join(out_a, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(out_b, "checkpoint.pt"), weights_only=False)
+    a = torch.load(os.path.join(out_a, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(out_b, "checkpoint.pt"), weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["criterion"]:
@@ -58,21 +61,60 @@ def test_mismatched_checkpoint_is_refused(tmp_path, capsys):
     assert "belongs to another experiment" in str(exc.value) and "reweight" in str(exc.value)
 
 
-def test_corrupt_checkpoint_is_refused(tmp_path):
+class WritesMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this would write the marker file
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def test_corrupt_or_code_carrying_checkpoint_is_refused(tmp_path):
     _, out = run(tmp_path, "corrupt", "--stop-after", "1")
-    with open(os.path.join(out, "checkpoint.pt"), "wb") as handle:
+    path = os.path.join(out, "checkpoint.pt")
+    with open(path, "wb") as handle:
         handle.write(b"not a checkpoint")
     with pytest.raises(SystemExit) as exc:
         train.main(["--resume", out, "--quiet"])
-    assert "is corrupt" in str(exc.value)
+    assert str(exc.value).startswith("error: ") and "is corrupt" in str(exc.value)
+    marker = tmp_path / "marker"
+    torch.save({"identity": {}, "epoch": 1, "model": WritesMarker(str(marker))}, path)
+    for extra in ([], ["--export", str(tmp_path / "model.pt")]):   # training and export-only
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--resume", out, "--quiet", *extra])
+        assert "pickled Python object" in str(exc.value) and path in str(exc.value)
+        assert not marker.exists()
+
+
+def test_export_after_training_and_from_a_stopped_run(tmp_path):
+    first, second = str(tmp_path / "first.weights"), str(tmp_path / "second.weights")
+    result, out = run(tmp_path, "export", "--stop-after", "1", "--export", first)
+    assert not result["finished"]
+    assert train.main(["--resume", out, "--export", second, "--quiet"]) == {**result, "finished": False}
+    checkpoint = run_io.load_checkpoint(out)
+    assert checkpoint["epoch"] == 1, "exporting trains nothing"
+    for path in (first, second):
+        weights = run_io.load_weights(path)
+        assert weights.keys() == checkpoint["model"].keys()
+        assert all(torch.equal(weights[k], v) for k, v in checkpoint["model"].items())
+
+
+def test_full_disk_is_one_clear_message(tmp_path, monkeypatch):
+    def full(folder, state):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, "checkpoint.pt"))
+    monkeypatch.setattr(run_io, "save_checkpoint", full)
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "full", "--epochs", "1")
+    assert str(exc.value) == f"error: No space left on device: {tmp_path / 'full' / 'checkpoint.pt'}"
 
 
 def test_missing_data_is_one_clear_message(tmp_path):
     with pytest.raises(SystemExit) as exc:
-        train.main(["--dataset", "cifar10_lt", "--data-root", str(tmp_path / "nowhere"), "--out",
+        train.main(["--dataset", "cifar10_lt", "--data-root", str(tmp_path), "--out",   # a folder without CIFAR
                     str(tmp_path / "x"), "--quiet"])
     message = str(exc.value)
-    assert message.startswith("error:") and "--data-root" in message
+    assert message.startswith("error:") and "--data-root" in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "x"), "no run folder for a run that could not start"
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
@@ -86,11 +128,14 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "build", poisoned)
     with pytest.raises(SystemExit) as exc:
         run(tmp_path, "nan")
-    assert "non-finite loss at epoch 1, step 1" in str(exc.value)
+    assert str(exc.value).startswith("error: non-finite loss at epoch 1, step 1")
+    monkeypatch.setenv("RDR_FAST_DEBUG", "1")   # the exception itself, for its traceback
+    with pytest.raises(FloatingPointError):
+        run(tmp_path, "nan_debug")
 
 
 def test_bad_flag_values_are_rejected():
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--reweight"):
         train.parse_args(["--reweight", "bogus"])
     assert train.parse_args(["--no-quiet"]).quiet is False
     assert train.parse_args(["--amp"]).amp is True

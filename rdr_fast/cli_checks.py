@@ -1,0 +1,223 @@
+"""Checks of the training CLI's configuration, all run before any work starts.
+
+`check_values` takes each flag on its own (type, choice, range; NaN and ±inf are refused
+everywhere) and runs before the dataset-dependent defaults are filled in; `check_setup`
+takes the resolved run against its dataset, the files it names and this machine. Both
+raise UsageError with a message that names the flag; `python -m rdr_fast.train` prints
+it as one `error:` line and exits with status 2, as argparse does for its own errors.
+
+Adding a check: a flag's range is one entry in RANGES; a check across flags or against
+the machine is a function returning the problem (or None), listed in SETUP_CHECKS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+
+import torch
+
+from .run_io import CHECKPOINT, safetensors_available
+
+# Datasets the CLI knows facts about without loading them.
+GRAYSCALE = ("digits_lt", "fmnist_lt")          # 1-channel images
+FILE_LISTS = ("imagenet_lt", "places_lt")       # JPEG files listed by OLTR list files
+RGB_ONLY_MODELS = ("resnet50", "resnet152")     # the ImageNet ResNets take 3 channels
+
+
+class UsageError(ValueError):
+    """A flag value, or a combination of flags, that no run can use."""
+
+
+def at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def above(low):
+    return (lambda v: v > low), f"> {low}"
+
+
+def within(low, high, *, high_open=False):
+    if high_open:
+        return (lambda v: low <= v < high), f"in [{low}, {high})"
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+ANY = (lambda v: True), "finite"
+
+# Every numeric flag's valid values (None, where a flag allows it, means "the default").
+RANGES = {
+    "imb_factor": at_least(1),
+    "noise_ratio": within(0, 1, high_open=True),
+    "rdr_momentum": within(0, 1, high_open=True),
+    "temperature": at_least(0),
+    "warmup_epochs": at_least(0),
+    "tau": ANY,
+    "focal_gamma": at_least(0),
+    "cb_beta": within(0, 1, high_open=True),
+    "epochs": at_least(1),
+    "batch_size": at_least(1),
+    "lr": above(0),
+    "momentum": within(0, 1, high_open=True),
+    "weight_decay": at_least(0),
+    "rho": at_least(0),
+    "sam_k": at_least(1),
+    "sam_alpha": at_least(0),
+    "tail_threshold": at_least(0),
+    "flat_ratio": within(0, 1),
+    "seed": within(0, 2**32 - 1),                 # NumPy's legacy seeding takes 32 bits
+    "eval_every": at_least(1),
+    "num_workers": at_least(0),
+    "stop_after": at_least(1),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_problem(name: str, value, kind: str) -> str | None:
+    """Values from config.json bypass argparse, so their types are checked here too."""
+    base, optional = kind.split(" ")[0], kind.endswith("| None")
+    if value is None:
+        return None if optional else f"{flag(name)} needs a value"
+    fits = {"int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool), "str": isinstance(value, str)}[base]
+    return None if fits else f"{flag(name)} must be {base}, got {value!r}"
+
+
+def _value_problem(name: str, value, choices) -> str | None:
+    if value is None:
+        return None
+    if name in choices and value not in choices[name]:
+        return f"{flag(name)} must be one of {', '.join(choices[name])}, got {value!r}"
+    if name not in RANGES:
+        return None
+    if not math.isfinite(value):
+        return f"{flag(name)} must be a finite number, got {value}"
+    fits, wanted = RANGES[name]
+    return None if fits(value) else f"{flag(name)} must be {wanted}, got {value}"
+
+
+def check_values(cfg, choices: dict) -> None:
+    """Each flag on its own: type, choice (choices: field -> allowed values), range."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        problem = _type_problem(field.name, value, field.type) or _value_problem(field.name, value, choices)
+        if problem:
+            raise UsageError(problem)
+    if cfg.resume and cfg.out and os.path.abspath(cfg.out) != os.path.abspath(cfg.resume):
+        raise UsageError(f"--out {cfg.out} conflicts with --resume {cfg.resume}: a resumed run "
+                         "writes into its own folder")
+
+
+# ----------------------------------------------------------------------------- setup checks
+
+def _model_fits_dataset(cfg) -> str | None:
+    if cfg.model in RGB_ONLY_MODELS and cfg.dataset in GRAYSCALE:
+        return (f"--model {cfg.model} takes 3-channel images but {cfg.dataset} is grayscale; "
+                "use small_cnn or resnet32")
+    return None
+
+
+def _data_source(cfg) -> str | None:
+    if cfg.dataset == "digits_lt" and (cfg.data_root or cfg.download):
+        given = "--data-root" if cfg.data_root else "--download"
+        return f"{given} does not apply to digits_lt (scikit-learn bundles it)"
+    if cfg.dataset in FILE_LISTS and cfg.download:
+        return (f"--download: {cfg.dataset} cannot be downloaded automatically; get the images "
+                "and the OLTR list files, then pass --data-root DIR")
+    if cfg.dataset in FILE_LISTS and not cfg.data_root:
+        return f"--data-root is required for {cfg.dataset}: the folder with its OLTR list files"
+    if cfg.data_root and not cfg.download and not os.path.isdir(cfg.data_root):
+        return f"--data-root {cfg.data_root} is not an existing folder"
+    return None
+
+
+def _loader_fits(cfg) -> str | None:
+    if cfg.loader == "gpu" and cfg.dataset in FILE_LISTS:
+        return f"--loader gpu needs an in-memory dataset; {cfg.dataset} reads image files: use dali or torch"
+    if cfg.loader == "dali":
+        from .data._dali import dali_available
+        if not dali_available():
+            return '--loader dali needs NVIDIA DALI: pip install "rdr_fast[dali]", or use --loader torch'
+    return None
+
+
+def _device_exists(cfg) -> str | None:
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {cfg.device}: this machine has no usable CUDA device; use --device cpu"
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        return f"--device {cfg.device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
+
+
+def _files_exist(cfg) -> str | None:
+    if cfg.pretrained and not os.path.isfile(cfg.pretrained):
+        return f"--pretrained {cfg.pretrained} is not an existing file"
+    if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, CHECKPOINT)):
+        return (f"--resume {cfg.resume}: no {CHECKPOINT} there (the run stopped before its first "
+                "epoch ended); start it again with --out")
+    return None
+
+
+def _unwritable(path: str) -> str | None:
+    """Why files cannot be created in `path` or in the folders it would be made under."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    try:  # os.access trusts permission bits, which root ignores and a read-only mount overrides
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        return f"cannot write in {folder} ({exc.strerror})"
+    return None
+
+
+def _out_usable(cfg) -> str | None:
+    if cfg.resume and cfg.export:
+        return None  # exporting writes nothing into the run folder
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        return f"--out {cfg.out} is an existing file; give a folder"
+    taken = not cfg.resume and any(os.path.exists(os.path.join(cfg.out, name))
+                                   for name in ("config.json", CHECKPOINT))
+    if taken:
+        return f"--out {cfg.out} already holds a run; continue it with --resume {cfg.out} or choose another folder"
+    problem = _unwritable(cfg.out)
+    return f"--out {cfg.out}: {problem}" if problem else None
+
+
+def _export_usable(cfg) -> str | None:
+    if not cfg.export:
+        return None
+    if os.path.isdir(cfg.export):
+        return f"--export {cfg.export} is a folder; give a file name"
+    folder = os.path.dirname(os.path.abspath(cfg.export))
+    if not os.path.isdir(folder):
+        return f"--export {cfg.export}: the folder {folder} does not exist"
+    if cfg.export.endswith(".safetensors") and not safetensors_available():
+        return f"--export {cfg.export}: writing safetensors needs the safetensors package (pip install safetensors)"
+    problem = _unwritable(folder)
+    return f"--export {cfg.export}: {problem}" if problem else None
+
+
+SETUP_CHECKS = (_model_fits_dataset, _data_source, _loader_fits, _device_exists, _files_exist,
+                _out_usable, _export_usable)
+
+
+def check_setup(cfg) -> None:
+    """The resolved run against its dataset, the files it names and this machine."""
+    for check in SETUP_CHECKS:
+        problem = check(cfg)
+        if problem:
+            raise UsageError(problem)
