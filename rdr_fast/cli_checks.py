@@ -18,11 +18,9 @@ import tempfile
 
 import torch
 
+from .data.datasets import FILE_LISTS, GRAYSCALE
 from .run_io import CHECKPOINT, safetensors_available
 
-# Datasets the CLI knows facts about without loading them.
-GRAYSCALE = ("digits_lt", "fmnist_lt")          # 1-channel images
-FILE_LISTS = ("imagenet_lt", "places_lt")       # JPEG files listed by OLTR list files
 RGB_ONLY_MODELS = ("resnet50", "resnet152")     # the ImageNet ResNets take 3 channels
 
 
@@ -140,7 +138,7 @@ def _loader_fits(cfg) -> str | None:
     if cfg.loader == "gpu" and cfg.dataset in FILE_LISTS:
         return f"--loader gpu needs an in-memory dataset; {cfg.dataset} reads image files: use dali or torch"
     if cfg.loader == "dali":
-        from .data._dali import dali_available
+        from .data.dali_loader import dali_available
         if not dali_available():
             return '--loader dali needs NVIDIA DALI: pip install "rdr_fast[dali]", or use --loader torch'
     return None

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from rdr_fast import RDRLoss, run_io
-from rdr_fast.sam import VARIANTS, make_optimizer, train_step
+from rdr_fast.sam import VARIANTS, make_optimizer
+from rdr_fast.training import train_step
 
 COUNTS = [40, 20, 10, 5]
 

@@ -7,6 +7,9 @@ from .oltr import load_oltr_lt
 from .small import load_digits_lt, load_fmnist_lt
 
 DATASETS = ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt", "places_lt")
+# Facts callers may check before loading anything (the CLI validates flags with them).
+GRAYSCALE = ("digits_lt", "fmnist_lt")        # 1-channel images
+FILE_LISTS = ("imagenet_lt", "places_lt")     # JPEG files named by OLTR list files; no download
 
 
 def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=0,
@@ -33,7 +36,7 @@ def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=
     if name in ("cifar10_lt", "cifar100_lt"):
         return load_cifar_lt(name, data_root, imb_factor=imb_factor, download=download,
                              train_transform=train_transform, **kw)
-    if name in ("imagenet_lt", "places_lt"):
+    if name in FILE_LISTS:
         if download:
             raise DataNotFoundError(f"{name} cannot be downloaded automatically; get the "
                                     "images and OLTR list files, then pass --data-root DIR")
