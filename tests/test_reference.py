@@ -1,4 +1,4 @@
-"""The reference (the executable spec) against independent formulas."""
+"""The reference loop (the executable definition every fast path is tested against) against independent formulas."""
 from __future__ import annotations
 
 import os
