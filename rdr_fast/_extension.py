@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import importlib.util
+import importlib.machinery
 import os
 import shutil
 import sys
@@ -80,7 +80,9 @@ def load() -> None:
 
 def _load_installed() -> str | None:
     """Import rdr_fast._C; None when it loaded, else why not."""
-    if importlib.util.find_spec(MODULE) is None:
+    # Only this package's own folder: an editable install of another checkout, visible
+    # through the system site-packages, would otherwise lend its _C (built from its sources).
+    if importlib.machinery.PathFinder.find_spec(MODULE, [str(_PACKAGE_DIR)]) is None:
         return f"{MODULE} was not built at install"
     try:
         import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
@@ -111,10 +113,11 @@ def cache_dir() -> Path:
 
 
 def _build_key(sources: Path) -> str:
-    """Hash of everything the library depends on besides the folder's torch and Python."""
+    """Hash of everything the library depends on besides the folder's torch and Python:
+    the sources, the flags, the compiler asked for, the torch commit (source builds)."""
     import torch
 
-    digest = hashlib.sha256(repr((CXX_FLAGS, LINK_FLAGS, torch.version.git_version)).encode())
+    digest = hashlib.sha256(repr((CXX_FLAGS, LINK_FLAGS, os.environ.get("CXX"), torch.version.git_version)).encode())
     for path in sorted(sources.glob("*.[ch]*")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -155,14 +158,14 @@ def _compile(sources: Path, folder: Path, key: str, stamp: Path, failure: Path) 
     start = time.monotonic()
     from torch.utils import cpp_extension
 
-    (folder / "lock").unlink(missing_ok=True)  # torch's own lock, left behind if a compile was killed
+    (folder / "lock").unlink(missing_ok=True)  # older torch: a lock file that blocks while it exists
     try:
         with _ninja_on_path():
             cpp_extension.load("_C", sorted(str(p) for p in sources.glob("*.cpp")), extra_cflags=CXX_FLAGS,
                                extra_ldflags=LINK_FLAGS, build_directory=str(folder), is_python_module=False)
     except Exception as err:
         failure.write_text(f"{key}\n{type(err).__name__}: {err}\n")
-        raise RuntimeError(f"the build failed; the compiler's output is in {failure}") from err
+        raise RuntimeError(f"the build failed, its log is {failure}") from err
     stamp.write_text(key)
     failure.unlink(missing_ok=True)
     print(f"rdr_fast: compiled the C++ CPU kernels in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
