@@ -101,6 +101,7 @@ def test_pip_install_runs_the_cpp_kernels_without_a_warning(install):
     got = report(install.check(RUN_OP + REPORT))
     assert {devices["cpu"] for devices in got["backends"].values()} == {"cpp"}
     assert got["info"]["origin"] == "install"
+    assert install.base / "venv" in install.package_dir().parents  # not an editable install outside
     assert Path(got["info"]["path"]).parent == install.package_dir()
     assert "C++ kernels: built at install" in install.check("import runpy; runpy.run_module('rdr_fast.info', run_name='__main__')").stdout
 
