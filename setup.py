@@ -1,18 +1,35 @@
-"""Build rdr_fast. The top-level kernels/ folder ships as rdr_fast.kernels.
+"""Build rdr_fast. The top-level kernels/ folder ships as rdr_fast.kernels and csrc/ as
+rdr_fast/csrc/ (the sources of the just-in-time build, rdr_fast/_extension.py).
 
-The C++ CPU kernels in csrc/ compile into ``rdr_fast._C`` against the installed torch,
-so install with ``pip install --no-build-isolation``. The extension is optional: with
+The C++ CPU kernels in csrc/ compile into ``rdr_fast._C`` against the torch of the
+environment being installed into: plain ``pip install .`` sees it through the in-tree
+build backend (build_backend.py; docs/install.md). The extension is optional: with
 ``RDR_FAST_BUILD_CPP=0``, without torch at build time, or when the compiler is missing
-or fails, the install still succeeds (with a warning) and rdr_fast runs its PyTorch path.
+or fails, the install still succeeds (with a warning) and rdr_fast compiles the kernels
+at first import instead, or runs its PyTorch path.
 """
 import glob
+import importlib.util
 import os
 import warnings
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["rdr_fast", "rdr_fast.*"]) + ["rdr_fast.kernels"]
-PACKAGE_DIR = {"rdr_fast": "rdr_fast", "rdr_fast.kernels": "kernels"}
+# kernels/ and csrc/ live at the top level and are mapped in by PACKAGE_DIR (the
+# rdr_fast/kernels symlink of a development checkout must not count twice).
+PACKAGES = find_packages(include=["rdr_fast", "rdr_fast.*"], exclude=["rdr_fast.kernels"]) + [
+    "rdr_fast.kernels", "rdr_fast.csrc"]
+PACKAGE_DIR = {"rdr_fast": "rdr_fast", "rdr_fast.kernels": "kernels", "rdr_fast.csrc": "csrc"}
+PACKAGE_DATA = {"rdr_fast.csrc": ["*.cpp", "*.h"]}
+
+
+def _extension_flags() -> tuple:
+    """(compile, link) flags, from the one module that also drives the just-in-time build.
+    Loaded by path: importing the rdr_fast package would import torch and the ops."""
+    spec = importlib.util.spec_from_file_location("_rdr_fast_extension", os.path.join("rdr_fast", "_extension.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CXX_FLAGS, module.LINK_FLAGS
 
 
 def _cpp_extension_kwargs() -> dict:
@@ -21,14 +38,14 @@ def _cpp_extension_kwargs() -> dict:
         return {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError as err:  # e.g. pip's build isolation hides the installed torch
+    except ImportError as err:
         warnings.warn(f"rdr_fast: torch is not importable at build time ({err}); skipping the C++ "
-                      "kernels. Install with --no-build-isolation to build them.")
+                      "kernels (rdr_fast compiles them at first import instead).")
         return {}
 
     class OptionalBuildExtension(BuildExtension):
         """BuildExtension that warns instead of failing. `optional=True` is not enough:
-        torch's ninja build raises past it (STYLE §7)."""
+        torch's ninja build raises past it."""
 
         def run(self):
             inplace = self.inplace
@@ -38,16 +55,12 @@ def _cpp_extension_kwargs() -> dict:
                 self.inplace = inplace
                 self.extensions = []  # nothing to install or link for editable mode
                 warnings.warn(f"rdr_fast: building the C++ kernels failed ({type(err).__name__}: {err}); "
-                              "installing without them, rdr_fast will use its PyTorch path.")
+                              "installing without them, rdr_fast will try again at first import.")
 
+    cxx_flags, link_flags = _extension_flags()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    # -fopenmp: at::parallel_for's OpenMP backend is header-inline, and `omp simd` vectorises
-    # the kernels' reductions. -fno-trapping-math lets GCC turn float compare-selects into
-    # vector blends (nothing here reads FP exception flags; clang's default anyway).
-    # No -march=native: the build must run on any x86-64 / arm64 machine.
-    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    ext = CppExtension("rdr_fast._C", sources, extra_compile_args={"cxx": flags}, extra_link_args=["-fopenmp"])
+    ext = CppExtension("rdr_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, **_cpp_extension_kwargs())
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, **_cpp_extension_kwargs())

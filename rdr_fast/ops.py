@@ -88,9 +88,9 @@ def _has_compiled_cpu_kernel(name: str) -> bool:
 
 def _warn_missing_cpp_kernels() -> None:
     """One warning at import (not per call) when the C++ CPU kernels did not load."""
-    import rdr_fast  # the package is mid-import here; its loader has already run
+    from ._extension import extension_info
 
-    reason = getattr(rdr_fast, "_CPP_LOAD_ERROR", None) or "rdr_fast._C registered no CPU kernels"
+    reason = extension_info()["reason"] or "the compiled module registered no CPU kernels"
     warnings.warn(f"rdr_fast: C++ CPU kernels unavailable, using the PyTorch path on CPU. {reason}",
                   RuntimeWarning, stacklevel=3)
 
