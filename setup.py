@@ -9,8 +9,8 @@ or fails, the install still succeeds (with a warning) and rdr_fast compiles the 
 at first import instead, or runs its PyTorch path.
 """
 import glob
-import importlib.util
 import os
+import runpy
 import warnings
 
 from setuptools import find_packages, setup
@@ -26,10 +26,8 @@ PACKAGE_DATA = {"rdr_fast.csrc": ["*.cpp", "*.h"]}
 def _extension_flags() -> tuple:
     """(compile, link) flags, from the one module that also drives the just-in-time build.
     Loaded by path: importing the rdr_fast package would import torch and the ops."""
-    spec = importlib.util.spec_from_file_location("_rdr_fast_extension", os.path.join("rdr_fast", "_extension.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.CXX_FLAGS, module.LINK_FLAGS
+    names = runpy.run_path(os.path.join("rdr_fast", "_extension.py"))
+    return names["CXX_FLAGS"], names["LINK_FLAGS"]
 
 
 def _cpp_extension_kwargs() -> dict:

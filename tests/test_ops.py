@@ -185,7 +185,7 @@ def test_missing_cpp_kernels_warn_once_and_fall_back_to_the_torch_path():
         "    for _ in range(3): crit(torch.randn(6, 4), torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 0]))\n"
         "print(sorted({d['cpu'] for d in rdr_fast.backends().values()}), sum('C++' in str(w.message) for w in caught))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RDR_FAST_IMPL": "auto"})
+                          env={**os.environ, "RDR_FAST_IMPL": "auto", "RDR_FAST_JIT": "0"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "['torch'] 1"
 
