@@ -14,7 +14,8 @@ the isolated environment; torch and its dependencies come from where they are in
 whatever index or source build they came from. Only when the target environment has no
 torch at all is ``torch>=2.4`` requested as a build requirement, so that the wheel still
 carries kernels (built against the torch pip then picks, normally the same one it installs
-next; a mismatch is caught at import, which compiles the kernels again: rdr_fast/_extension.py).
+next; a mismatch is caught by the stamp beside the module, and the kernels are compiled
+again at the first CPU use of an op: rdr_fast/_extension.py).
 """
 import importlib.util
 import json

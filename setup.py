@@ -6,7 +6,7 @@ environment being installed into: plain ``pip install .`` sees it through the in
 build backend (build_backend.py; docs/install.md). The extension is optional: with
 ``RDR_FAST_BUILD_CPP=0``, without torch at build time, or when the compiler is missing
 or fails, the install still succeeds (with a warning) and rdr_fast compiles the kernels
-at first import instead, or runs its PyTorch path.
+at the first CPU use of an op instead, or runs its PyTorch path.
 """
 import glob
 import os
@@ -23,11 +23,9 @@ PACKAGE_DIR = {"rdr_fast": "rdr_fast", "rdr_fast.kernels": "kernels", "rdr_fast.
 PACKAGE_DATA = {"rdr_fast.csrc": ["*.cpp", "*.h"]}
 
 
-def _extension_flags() -> tuple:
-    """(compile, link) flags, from the one module that also drives the just-in-time build.
-    Loaded by path: importing the rdr_fast package would import torch and the ops."""
-    names = runpy.run_path(os.path.join("rdr_fast", "_extension.py"))
-    return names["CXX_FLAGS"], names["LINK_FLAGS"]
+# The one module that also drives the just-in-time build: compiler flags and the stamp.
+# Loaded by path: importing the rdr_fast package would import torch and the ops.
+EXTENSION = runpy.run_path(os.path.join("rdr_fast", "_extension.py"))
 
 
 def _cpp_extension_kwargs() -> dict:
@@ -38,7 +36,7 @@ def _cpp_extension_kwargs() -> dict:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as err:
         warnings.warn(f"rdr_fast: torch is not importable at build time ({err}); skipping the C++ "
-                      "kernels (rdr_fast compiles them at first import instead).")
+                      "kernels (rdr_fast compiles them at the first CPU use of an op instead).")
         return {}
 
     class OptionalBuildExtension(BuildExtension):
@@ -49,15 +47,24 @@ def _cpp_extension_kwargs() -> dict:
             inplace = self.inplace
             try:
                 super().run()
+                self._write_stamps()
             except Exception as err:  # noqa: BLE001 — any toolchain failure means "no C++"
                 self.inplace = inplace
                 self.extensions = []  # nothing to install or link for editable mode
                 warnings.warn(f"rdr_fast: building the C++ kernels failed ({type(err).__name__}: {err}); "
-                              "installing without them, rdr_fast will try again at first import.")
+                              "installing without them, rdr_fast will compile them at the first CPU use of an op.")
 
-    cxx_flags, link_flags = _extension_flags()
+        def _write_stamps(self):
+            """The torch each module was compiled against, beside it: rdr_fast loads the
+            module only under that torch (another one may load it and misbehave)."""
+            for ext in self.extensions:
+                module = self.get_ext_fullpath(ext.name)
+                with open(os.path.join(os.path.dirname(module), EXTENSION["STAMP"]), "w") as stamp:
+                    stamp.write(EXTENSION["torch_build"]())
+
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    ext = CppExtension("rdr_fast._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    ext = CppExtension("rdr_fast._C", sources, extra_compile_args={"cxx": EXTENSION["CXX_FLAGS"]},
+                       extra_link_args=EXTENSION["LINK_FLAGS"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 

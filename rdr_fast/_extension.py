@@ -1,21 +1,21 @@
 """Where rdr_fast's C++ CPU kernels come from: the module built at install, or a JIT build.
 
-Loading the compiled library runs its static ``TORCH_LIBRARY_IMPL`` registrations. That
-happens when rdr_fast is imported, before ``ops.py`` chooses each device's kernel: a C++
-kernel registered later would have to override the PyTorch one ops.py registered (torch
-warns about that), and graphs traced in between would keep the slow kernel.
+Loading the compiled library runs its static ``TORCH_LIBRARY_IMPL`` registrations, which
+take over the CPU (and autograd) kernels of the ops that ``ops.py`` defines.
 
 Order of attempts (``docs/install.md`` explains each, with the environment variables):
 
-1. ``rdr_fast._C``, compiled by ``pip install .`` against the torch installed then;
-2. when that is missing or does not load (built for another torch: undefined symbols),
-   the same ``csrc/`` sources compiled once per torch version with
-   ``torch.utils.cpp_extension.load`` into a cache folder, under a file lock so that
-   parallel processes (torchrun) compile once;
-3. else none: ``ops.py`` registers the PyTorch path on CPU and warns once with the reason.
+1. ``rdr_fast._C``, compiled by ``pip install .``, loaded at import when the stamp beside
+   it (``_C.torch_build``) names the running torch;
+2. when that is missing or was built for another torch, the same ``csrc/`` sources
+   compiled with ``torch.utils.cpp_extension.load`` into a cache folder per torch
+   version: loaded at import when a build of these sources is already there, otherwise
+   compiled at the first CPU use of an op (``compile_pending``, called by ``ops.py``),
+   under a file lock so that parallel processes (torchrun) compile once;
+3. else none: ``ops.py`` runs the PyTorch path on CPU and warns once with the reason.
 
 This file imports nothing from rdr_fast, and torch only inside functions: ``setup.py``
-loads it by path for the compiler flags, without torch being importable.
+loads it by path for the compiler flags and the stamp, without torch being importable.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import importlib.machinery
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,9 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 LINK_FLAGS = ["-fopenmp"]
 
 MODULE = "rdr_fast._C"
+STAMP = "_C.torch_build"  # beside the installed module: the torch it was compiled against
 _PACKAGE_DIR = Path(__file__).resolve().parent
+_COMPILE_LOCK = threading.Lock()  # threads of one process; the file lock covers processes
 
 _info: dict = {"origin": "none", "path": None, "reason": "rdr_fast._extension.load() has not run"}
 
@@ -45,50 +48,87 @@ _info: dict = {"origin": "none", "path": None, "reason": "rdr_fast._extension.lo
 def extension_info() -> dict:
     """Where the C++ CPU kernels came from, as ``{"origin", "path", "reason"}``.
 
-    origin is ``"install"`` (``rdr_fast._C``, built by pip), ``"jit"`` (compiled at import
-    into the cache; path is the library, reason says why the installed module was not
-    used) or ``"none"`` (the PyTorch path runs on CPU; reason says why).
+    origin is ``"install"`` (``rdr_fast._C``, built by pip), ``"jit"`` (compiled into the
+    cache; path is the library, reason says why the installed module was not used),
+    ``"pending"`` (to be compiled into the cache folder ``path`` at the first CPU use of an
+    op) or ``"none"`` (the PyTorch path runs on CPU; reason says why).
     """
     return dict(_info)
 
 
+def torch_build() -> str:
+    """The running torch, as the stamp names it: version and commit (source builds)."""
+    import torch
+
+    return f"{torch.__version__} {torch.version.git_version}"
+
+
 def load() -> None:
-    """Load the C++ CPU kernels from the first source that works; record which in
-    ``extension_info()``. Never raises: failures become the recorded reason."""
+    """At import: load the installed module, or an up-to-date JIT build from the cache, or
+    leave the compile for the first CPU use of an op; record which in ``extension_info()``.
+    Never raises: failures become the recorded reason."""
     impl = os.environ.get("RDR_FAST_IMPL", "").strip().lower()
     if impl in ("torch", "reference"):
-        # A C++ kernel loaded now would have to be overridden by the Python one (torch warns).
+        # A C++ kernel loaded now would take over the Python one this setting asks for.
         _info.update(origin="none", path=None, reason=f"RDR_FAST_IMPL={impl} selects a Python path")
+        return
+    if _switched_off("RDR_FAST_BUILD_CPP"):
+        _info.update(origin="none", path=None, reason="RDR_FAST_BUILD_CPP=0 turns the C++ kernels off")
         return
     installed_error = _load_installed()
     if installed_error is None:
         _info.update(origin="install", path=sys.modules[MODULE].__file__, reason=None)
         return
-    for variable in ("RDR_FAST_BUILD_CPP", "RDR_FAST_JIT"):
-        if os.environ.get(variable, "1").strip() == "0":
-            _info.update(origin="none", path=None,
-                         reason=f"{installed_error}; {variable}=0 turns off compiling it at import")
-            return
-    try:
-        library = _load_jit()
-    except Exception as err:  # noqa: BLE001 — no compiler, build error, read-only cache...
-        _info.update(origin="none", path=None,
-                     reason=f"{installed_error}; compiling it at import failed ({type(err).__name__}: {err})")
+    if _switched_off("RDR_FAST_JIT"):
+        _info.update(origin="none", path=None, reason=f"{installed_error}; RDR_FAST_JIT=0 turns off compiling it")
         return
-    _info.update(origin="jit", path=str(library), reason=installed_error)
+    try:
+        library = _load_jit(compile_if_needed=False)
+    except Exception as err:  # noqa: BLE001 — no torch sources, unreadable cache...
+        _info.update(origin="none", path=None, reason=f"{installed_error}; the JIT build is impossible ({err})")
+        return
+    if library is None:
+        _info.update(origin="pending", path=str(cache_dir()), reason=installed_error)
+    else:
+        _info.update(origin="jit", path=str(library), reason=installed_error)
+
+
+def compile_pending() -> bool:
+    """Compile and load the kernels that ``load()`` left pending (the first CPU use of an
+    op calls this); True when the C++ kernels are registered afterwards."""
+    with _COMPILE_LOCK:
+        if _info["origin"] != "pending":
+            return _info["origin"] in ("install", "jit")
+        installed_error = _info["reason"]
+        try:
+            library = _load_jit(compile_if_needed=True)
+        except Exception as err:  # noqa: BLE001 — no compiler, build error, read-only cache...
+            _info.update(origin="none", path=None,
+                         reason=f"{installed_error}; compiling it failed ({type(err).__name__}: {err})")
+            return False
+        _info.update(origin="jit", path=str(library), reason=installed_error)
+        return True
+
+
+def _switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip() == "0"
 
 
 def _load_installed() -> str | None:
-    """Import rdr_fast._C; None when it loaded, else why not."""
+    """Import rdr_fast._C when it was built for the running torch; None when it loaded,
+    else why not. The stamp is read first: a module built for another torch may load
+    without an error and then misbehave, and once loaded its kernels cannot be removed."""
     # Only this package's own folder: an editable install of another checkout, visible
-    # through the system site-packages, would otherwise lend its _C (built from its sources).
+    # through the system site-packages, would otherwise bring its _C (built from its sources).
     if importlib.machinery.PathFinder.find_spec(MODULE, [str(_PACKAGE_DIR)]) is None:
         return f"{MODULE} was not built at install"
+    stamp = _PACKAGE_DIR / STAMP
+    built_for = stamp.read_text().strip() if stamp.is_file() else "an unknown torch (no stamp)"
+    if built_for != torch_build():
+        return f"{MODULE} was built for torch {built_for}, this is torch {torch_build()}"
     try:
-        import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
-
         importlib.import_module(MODULE)
-    except Exception as err:  # noqa: BLE001 — e.g. built against another torch: undefined symbols
+    except Exception as err:  # noqa: BLE001 — e.g. a broken or foreign build: undefined symbols
         return f"loading {MODULE} failed ({type(err).__name__}: {err})"
     return None
 
@@ -123,8 +163,9 @@ def _build_key(sources: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_jit() -> Path:
-    """Compile csrc/ into the cache unless an up-to-date build is there; load it."""
+def _load_jit(compile_if_needed: bool) -> Path | None:
+    """Load the cached build of csrc/ when it is up to date, compiling it first if
+    ``compile_if_needed``; None when it is not built and not to be compiled now."""
     import torch
 
     sources = sources_dir()
@@ -136,6 +177,8 @@ def _load_jit() -> Path:
         return library.is_file() and stamp.is_file() and stamp.read_text() == key
 
     if not built():
+        if not compile_if_needed:
+            return None
         folder.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder / "build.lock"):  # the first process compiles, the others wait
             if failure.is_file() and failure.read_text().split("\n", 1)[0] == key:

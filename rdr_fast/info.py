@@ -7,13 +7,17 @@ import torch
 import rdr_fast
 
 
+IMPL_NAMES = {"pending": "cpp (compiled at first use)"}
+
+
 def describe() -> str:
     """The report ``python -m rdr_fast.info`` prints, one fact per line."""
     lines = [f"rdr_fast {rdr_fast.__version__}, torch {torch.__version__}"]
     for op, devices in rdr_fast.backends().items():
-        lines.append(f"{op}: " + ", ".join(f"{device}={impl}" for device, impl in devices.items()))
+        lines.append(f"{op}: " + ", ".join(f"{device}={IMPL_NAMES.get(impl, impl)}" for device, impl in devices.items()))
     info = rdr_fast.extension_info()
-    origin = {"install": "built at install", "jit": "compiled at import (cache)",
+    origin = {"install": "built at install", "jit": "compiled on this machine (cache)",
+              "pending": "to be compiled at the first CPU use of an op, into",
               "none": "none, the CPU runs the PyTorch path"}[info["origin"]]
     lines.append(f"C++ kernels: {origin}" + (f", {info['path']}" if info["path"] else ""))
     if info["reason"]:

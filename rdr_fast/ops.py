@@ -22,11 +22,13 @@ with the op's signature; this module only registers them.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import torch
 
 from . import torch_impl
+from ._extension import extension_info
 from .constants import check_weight_mode, compute_dtype
 
 LIB = torch.library.Library("rdr_fast", "FRAGMENT")
@@ -87,9 +89,8 @@ def _has_compiled_cpu_kernel(name: str) -> bool:
 
 
 def _warn_missing_cpp_kernels() -> None:
-    """One warning at import (not per call) when the C++ CPU kernels did not load."""
-    from ._extension import extension_info
-
+    """One warning (at import, or at the first CPU call when they were to be compiled
+    then), not one per call, when the C++ CPU kernels did not load."""
     reason = extension_info()["reason"] or "the compiled module registered no CPU kernels"
     warnings.warn(f"rdr_fast: C++ CPU kernels unavailable, using the PyTorch path on CPU. {reason}",
                   RuntimeWarning, stacklevel=3)
@@ -126,20 +127,60 @@ def _register_backends(impl: str) -> None:
     """Register the fastest available kernel per device and record the choice in BACKENDS.
 
     The C++ kernels (rdr_fast._C, loaded by rdr_fast/__init__.py before this module) are
-    already registered for CPU when present; RDR_FAST_IMPL=torch|reference keeps them from
-    loading at all, so the Python kernels registered here are the only CPU kernels then.
+    already registered for CPU when present; when they are still to be compiled, a CPU
+    kernel that compiles them at its first call stands in. RDR_FAST_IMPL=torch|reference
+    keeps them from loading at all, so the Python kernels registered here are the only
+    CPU kernels then.
     """
-    if impl == "auto" and not all(_has_compiled_cpu_kernel(name) for name in BACKENDS):
+    pending = impl == "auto" and extension_info()["origin"] == "pending"
+    if impl == "auto" and not pending and not all(_has_compiled_cpu_kernel(name) for name in BACKENDS):
         _warn_missing_cpp_kernels()
     for name in BACKENDS:
         if impl == "auto" and _has_compiled_cpu_kernel(name):
             BACKENDS[name]["cpu"] = "cpp"
         else:
             cpu_impl = "reference" if impl == "reference" else "torch"
-            torch.library.register_kernel(f"rdr_fast::{name}", "cpu", _python_kernel(cpu_impl, name), lib=LIB)
-            BACKENDS[name]["cpu"] = cpu_impl
+            kernel = _compiled_at_first_use(name) if pending else _python_kernel(cpu_impl, name)
+            torch.library.register_kernel(f"rdr_fast::{name}", "cpu", kernel, lib=LIB)
+            BACKENDS[name]["cpu"] = "pending" if pending else cpu_impl
         BACKENDS[name]["cuda"], cuda_kernel = _cuda_kernel(name, impl, _python_kernel("torch", name))
         torch.library.register_kernel(f"rdr_fast::{name}", "cuda", cuda_kernel, lib=LIB)
+
+
+_REDISPATCHING = threading.local()
+
+
+def _compiled_at_first_use(name: str):
+    """The CPU kernel of ``name`` while the C++ kernels are not compiled yet. Its first call
+    compiles them (rdr_fast/_extension.py); loading them registers the C++ kernels, which
+    take over the CPU dispatch of both ops, and the call is dispatched again to reach them.
+    When compiling fails, both ops run the PyTorch path, with one warning giving the reason."""
+    torch_kernel, op = _python_kernel("torch", name), getattr(torch.ops.rdr_fast, name).default
+
+    def kernel(*args):
+        if BACKENDS[name]["cpu"] == "pending":
+            _compile_cpp_kernels()
+        if BACKENDS[name]["cpu"] != "cpp":
+            return torch_kernel(*args)
+        if getattr(_REDISPATCHING, "active", False):  # back here: the library registered no kernel
+            raise RuntimeError(f"rdr_fast: the compiled C++ module registered no CPU kernel for {name}")
+        _REDISPATCHING.active = True
+        try:
+            return op(*args)
+        finally:
+            _REDISPATCHING.active = False
+    return kernel
+
+
+def _compile_cpp_kernels() -> None:
+    """Compile the pending C++ kernels and record the outcome in BACKENDS for both ops."""
+    from ._extension import compile_pending
+
+    compiled = compile_pending()
+    if not compiled:
+        _warn_missing_cpp_kernels()
+    for devices in BACKENDS.values():
+        devices["cpu"] = "cpp" if compiled else "torch"
 
 
 def _python_kernel(impl: str, name: str):

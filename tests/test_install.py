@@ -1,11 +1,13 @@
 """Installing rdr_fast: ``pip install .`` builds the C++ CPU kernels, ``pip wheel .`` makes a
-platform wheel carrying them, and without them the first import compiles them once into a
-cache that later processes reuse (rdr_fast/_extension.py, docs/install.md).
+platform wheel carrying them, and without them (or with a module built for another torch)
+the first CPU use of an op compiles them once into a cache that later processes reuse
+(rdr_fast/_extension.py, docs/install.md).
 
-The slow tests share one build of a clean copy of the repository (about 2 minutes), and
-the just-in-time test compiles once more."""
+The slow tests share one `pip wheel .` and one `pip install .`, each from its own clean
+copy of the repository (about 3 minutes), and the just-in-time test compiles once more."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,7 +49,7 @@ class Install:
     environment (python) that sees the installed torch and where `pip install .` ran."""
 
     def __init__(self, base: Path):
-        self.base, self.src, self.cache = base, base / "src", base / "cache"
+        self.base, self.cache = base, base / "cache"
         self.python = base / "venv" / "bin" / "python"
 
     def package_dir(self) -> Path:
@@ -75,15 +77,13 @@ def install(tmp_path_factory) -> Install:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs a git checkout of the repository")
     inst = Install(tmp_path_factory.mktemp("install"))
-    copy_repository(inst.src)
-    # --without-pip: the venv runs the system's pip (it sees the system site-packages),
-    # which installs into the venv; this saves bootstrapping a pip per run.
+    # --without-pip: the venv runs the system's pip (it sees the system site-packages,
+    # so the dependencies are already there), which installs into the venv.
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", inst.base / "venv"], cwd=inst.base)
-    pip = [inst.python, "-m", "pip", "-q"]
-    run([*pip, "wheel", "--no-deps", "-w", inst.base / "dist", "."], cwd=inst.src)
-    # Reuses the object files the wheel build left in src/build/, but still builds the wheel
-    # it installs through the build backend: without torch there, it would carry no _C.
-    run([*pip, "install", "--no-deps", "."], cwd=inst.src)
+    for copy in ("wheel-src", "install-src"):  # each command from a clean copy of its own
+        copy_repository(inst.base / copy)
+    run([inst.python, "-m", "pip", "-q", "wheel", "--no-deps", "-w", inst.base / "dist", "."], cwd=inst.base / "wheel-src")
+    run([inst.python, "-m", "pip", "install", "."], cwd=inst.base / "install-src")  # exactly the user's command
     return inst
 
 
@@ -93,7 +93,7 @@ def test_pip_wheel_is_a_platform_wheel_carrying_the_compiled_module_and_its_sour
     assert not wheel.name.endswith("-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("rdr_fast/_C") and n.endswith(".so")], names
-    assert {"rdr_fast/csrc/module.cpp", "rdr_fast/csrc/checks.h", "rdr_fast/kernels/__init__.py"} <= set(names)
+    assert {"rdr_fast/_C.torch_build", "rdr_fast/csrc/module.cpp", "rdr_fast/csrc/checks.h", "rdr_fast/kernels/__init__.py"} <= set(names)
 
 
 @pytest.mark.slow
@@ -103,22 +103,41 @@ def test_pip_install_runs_the_cpp_kernels_without_a_warning(install):
     assert got["info"]["origin"] == "install"
     assert install.base / "venv" in install.package_dir().parents  # not an editable install outside
     assert Path(got["info"]["path"]).parent == install.package_dir()
-    assert "C++ kernels: built at install" in install.check("import runpy; runpy.run_module('rdr_fast.info', run_name='__main__')").stdout
+    assert "C++ kernels: built at install" in install.check(INFO).stdout
+    import torch
+
+    assert (install.package_dir() / "_C.torch_build").read_text().split()[0] == torch.__version__
+
+
+INFO = "import runpy; runpy.run_module('rdr_fast.info', run_name='__main__')"
+
+
+@contextlib.contextmanager
+def module_moved_aside(install: Install):
+    """The venv's rdr_fast._C moved away, as when it was never built."""
+    (module,) = install.package_dir().glob("_C*.so")
+    aside = install.base / module.name
+    module.rename(aside)
+    try:
+        yield install
+    finally:
+        aside.rename(module)
 
 
 @pytest.fixture
 def without_installed_module(install):
-    """The venv's rdr_fast._C moved away for one test, as when it was never built."""
-    (module,) = install.package_dir().glob("_C*.so")
-    aside = install.base / module.name
-    module.rename(aside)
-    yield install
-    aside.rename(module)
+    with module_moved_aside(install):
+        yield install
 
 
 @pytest.mark.slow
 def test_missing_module_is_compiled_once_into_the_cache_and_reused(without_installed_module):
     inst = without_installed_module
+    # Importing compiles nothing: the first CPU use of an op does.
+    imported = inst.check(REPORT)
+    assert "rdr_fast: compiling" not in imported.stderr and not inst.cache.exists()
+    assert report(imported)["info"]["origin"] == "pending"
+    assert {devices["cpu"] for devices in report(imported)["backends"].values()} == {"pending"}
     # Two processes at once, as under torchrun: one compiles, the other waits for it.
     procs = [subprocess.Popen([inst.python, "-W", "error", "-c", RUN_OP + REPORT], cwd=inst.base, text=True,
                               env=clean_env(RDR_FAST_CACHE=str(inst.cache)),
@@ -137,20 +156,41 @@ def test_missing_module_is_compiled_once_into_the_cache_and_reused(without_insta
     later = inst.check(RUN_OP + REPORT)
     assert "rdr_fast: compiling" not in later.stderr and library.stat().st_mtime_ns == built_at
     assert report(later)["info"] == got["info"]
-    assert "C++ kernels: compiled at import" in inst.check("import runpy; runpy.run_module('rdr_fast.info', run_name='__main__')").stdout
+    assert "C++ kernels: compiled on this machine (cache)" in inst.check(INFO).stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("switch", ["RDR_FAST_JIT", "RDR_FAST_BUILD_CPP"])
-def test_switched_off_jit_falls_back_to_the_torch_path_with_the_reason(without_installed_module, switch):
-    code = "import warnings\nwarnings.simplefilter('always')\n" + REPORT
-    done = run([without_installed_module.python, "-c", code], cwd=without_installed_module.base,
-               env=clean_env(RDR_FAST_CACHE=str(without_installed_module.base / "unused"), **{switch: "0"}))
+def test_a_module_built_for_another_torch_is_not_loaded(install):
+    stamp = install.package_dir() / "_C.torch_build"
+    kept = stamp.read_text()
+    stamp.write_text("2.4.0 0000000")
+    try:
+        got = report(install.check(REPORT))
+    finally:
+        stamp.write_text(kept)
+    assert got["info"]["origin"] in ("pending", "jit"), got["info"]  # "jit" once the cache holds a build
+    assert "was built for torch 2.4.0 0000000" in got["info"]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch,module_present,origin", [
+    ("RDR_FAST_JIT", True, "install"),  # only compiling is off: the installed module still loads
+    ("RDR_FAST_JIT", False, "none"),
+    ("RDR_FAST_BUILD_CPP", True, "none"),  # no C++ at all, even with the module there
+    ("RDR_FAST_BUILD_CPP", False, "none"),
+])
+def test_switched_off_cpp_runs_the_torch_path_with_the_reason(install, switch, module_present, origin):
+    code = "import warnings\nwarnings.simplefilter('always')\n" + RUN_OP + REPORT
+    with contextlib.nullcontext() if module_present else module_moved_aside(install):
+        done = run([install.python, "-c", code], cwd=install.base,
+                   env=clean_env(RDR_FAST_CACHE=str(install.base / "unused"), **{switch: "0"}))
     got = report(done)
-    assert {devices["cpu"] for devices in got["backends"].values()} == {"torch"}
-    assert got["info"]["origin"] == "none" and f"{switch}=0" in got["info"]["reason"]
-    assert f"{switch}=0" in done.stderr  # the one import-time warning carries the reason
-    assert not (without_installed_module.base / "unused").exists()
+    assert got["info"]["origin"] == origin
+    assert not (install.base / "unused").exists()
+    if origin == "none":
+        assert {devices["cpu"] for devices in got["backends"].values()} == {"torch"}
+        assert f"{switch}=0" in got["info"]["reason"]
+        assert f"{switch}=0" in done.stderr  # the one warning carries the reason
 
 
 # Without a build: the source tree's rdr_fast, its _C blocked so that the JIT path runs.
@@ -163,15 +203,15 @@ BLOCKED = "import sys\nsys.modules['rdr_fast._C'] = None\n"
 ])
 def test_impossible_jit_build_falls_back_to_the_torch_path_with_the_reason(tmp_path, compiler, reason):
     env = clean_env(RDR_FAST_CACHE=str(tmp_path), CXX=compiler)
-    got = report(run([sys.executable, "-c", BLOCKED + REPORT], cwd=ROOT, env=env))
+    got = report(run([sys.executable, "-c", BLOCKED + RUN_OP + REPORT], cwd=ROOT, env=env))
     assert {devices["cpu"] for devices in got["backends"].values()} == {"torch"}
     assert got["info"]["origin"] == "none" and reason in got["info"]["reason"], got["info"]
 
 
 def test_a_failed_jit_build_is_not_retried_until_its_log_is_deleted(tmp_path):
     env = clean_env(RDR_FAST_CACHE=str(tmp_path), CXX="false")
-    run([sys.executable, "-c", BLOCKED + REPORT], cwd=ROOT, env=env)
-    again = run([sys.executable, "-c", BLOCKED + REPORT], cwd=ROOT, env=env)
+    run([sys.executable, "-c", BLOCKED + RUN_OP + REPORT], cwd=ROOT, env=env)
+    again = run([sys.executable, "-c", BLOCKED + RUN_OP + REPORT], cwd=ROOT, env=env)
     assert "rdr_fast: compiling" not in again.stderr
     assert "an earlier compile of these sources failed" in report(again)["info"]["reason"]
 
