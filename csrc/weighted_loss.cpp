@@ -242,6 +242,13 @@ class WeightedLossFunction : public torch::autograd::Function<WeightedLossFuncti
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, grad] = op.call(logits, labels, weights, logit_adjust, focal_gamma, compute_grad);
     ctx->save_for_backward({grad});
+    // For a double backward only; plain references (no version check, which would refuse
+    // a first-order backward after an in-place edit of the logits).
+    ctx->saved_data["logits"] = logits;
+    ctx->saved_data["labels"] = labels;
+    ctx->saved_data["weights"] = weights;
+    ctx->saved_data["logit_adjust"] = logit_adjust;
+    ctx->saved_data["focal_gamma"] = focal_gamma;
     // The gradient output is data: no zero [B, C] gradient is ever made for it.
     ctx->mark_non_differentiable({grad});
     ctx->set_materialize_grads(false);
@@ -253,10 +260,25 @@ class WeightedLossFunction : public torch::autograd::Function<WeightedLossFuncti
     torch::autograd::variable_list grads(6);  // one per forward argument; only logits gets one
     const at::Tensor& grad_loss = grad_outputs[0];
     if (grad_loss.defined()) {
-      const at::Tensor grad = ctx->get_saved_variables()[0];
+      const at::Tensor grad = at::GradMode::is_enabled() ? differentiable_grad(ctx) : ctx->get_saved_variables()[0];
       grads[0] = is_plain_one(grad_loss) ? grad : grad * grad_loss.to(grad.scalar_type());
     }
     return grads;
+  }
+
+ private:
+  // Under create_graph=True: the gradient recomputed by rdr_fast::weighted_loss_grad
+  // (rdr_fast/ops.py), made of differentiable torch ops, so it can be differentiated again.
+  static at::Tensor differentiable_grad(torch::autograd::AutogradContext* ctx) {
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("rdr_fast::weighted_loss_grad", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, double)>();
+    auto& saved = ctx->saved_data;
+    const std::optional<at::Tensor> adjust = saved["logit_adjust"].toOptional<at::Tensor>();
+    return op.call(saved["logits"].toTensor(), saved["labels"].toTensor(), saved["weights"].toTensor(), adjust,
+                   saved["focal_gamma"].toDouble());
   }
 };
 

@@ -42,6 +42,12 @@ LIB.define(
     "weighted_loss(Tensor logits, Tensor labels, Tensor weights, Tensor? logit_adjust, "
     "float focal_gamma, bool compute_grad) -> (Tensor, Tensor)"
 )
+# The gradient of weighted_loss as differentiable torch ops: what its backward returns under
+# create_graph=True (double backward). CompositeImplicitAutograd: autograd records the
+# torch ops inside, on every device. C++'s autograd formula calls it too.
+LIB.define("weighted_loss_grad(Tensor logits, Tensor labels, Tensor weights, Tensor? logit_adjust, "
+           "float focal_gamma) -> Tensor")
+LIB.impl("weighted_loss_grad", torch_impl.weighted_loss_grad_differentiable, "CompositeImplicitAutograd")
 
 IMPLS = ("auto", "torch", "reference")
 BACKENDS: dict[str, dict[str, str]] = {"rdr_weights_and_update": {}, "weighted_loss": {}}
@@ -65,6 +71,9 @@ def _(logits, labels, weights, logit_adjust, focal_gamma, compute_grad):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    # For a double backward only. Kept as plain references: save_for_backward's version
+    # check would refuse even a first-order backward after an in-place edit of the logits.
+    ctx.inputs = inputs[:5]
     # The returned gradient is data, not something to differentiate: without these two
     # lines autograd materialises a [B, C] zero tensor for its (unused) incoming gradient
     # on every backward, a pass over the logits as costly as the fused kernel itself.
@@ -75,7 +84,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:  # grads are not materialised: no gradient reached the loss
         return None, None, None, None, None, None
-    (grad_logits,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+        grad_logits = torch.ops.rdr_fast.weighted_loss_grad(*ctx.inputs)
+    else:  # training: the gradient the forward computed
+        (grad_logits,) = ctx.saved_tensors
     return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None, None
 
 

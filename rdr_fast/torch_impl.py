@@ -227,6 +227,22 @@ def weighted_loss_torch(logits, labels, weights, logit_adjust, focal_gamma: floa
     return loss, grad.to(logits.dtype)
 
 
+def weighted_loss_grad_differentiable(logits, labels, weights, logit_adjust, focal_gamma: float):
+    """∂L/∂logits of the op weighted_loss, written with out-of-place, differentiable torch ops
+    on the logits as given (not detached): the gradient the op's backward returns when
+    autograd is asked for a graph (create_graph=True), so that it can be differentiated
+    again (Hessian-vector products). The weights are constants, as in training."""
+    x = logits.to(compute_dtype(logits.dtype))
+    if logit_adjust is not None:
+        x = x + logit_adjust.to(x.dtype)
+    log_probs = torch.log_softmax(x, dim=1)
+    log_pt = log_probs.gather(1, labels[:, None])[:, 0]
+    dloss_dlogpt = -torch.ones_like(log_pt) if focal_gamma == 0.0 else _focal_terms(log_pt, focal_gamma)[1]
+    coefficient = weights.detach().to(x.dtype) / len(labels) * dloss_dlogpt
+    one_hot = F.one_hot(labels, x.shape[1]).to(x.dtype)
+    return ((one_hot - torch.exp(log_probs)) * coefficient[:, None]).to(logits.dtype)
+
+
 def _focal_terms(log_pt, gamma: float):
     """ℓ = −(1−p)^γ log p and dℓ/dlog p = γ(1−p)^{γ−1} p log p − (1−p)^γ."""
     p = torch.exp(log_pt)

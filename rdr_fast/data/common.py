@@ -144,6 +144,11 @@ class TensorImageDataset(torch.utils.data.Dataset):
                               pad=int(pad), flip=bool(flip))
         self._a, self._b = self.image_format.affine()
 
+    def without_augmentation(self) -> "TensorImageDataset":
+        """The same images and labels, items only normalised (what analysis reads)."""
+        return TensorImageDataset(self.images, self.targets, self.mean, self.std, scale=self.scale,
+                                  clean_targets=self.clean_targets)
+
     # The constructor's arguments, read back from the image format (their one home).
     mean = property(lambda self: self.image_format.mean)
     std = property(lambda self: self.image_format.std)

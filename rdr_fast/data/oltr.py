@@ -1,6 +1,7 @@
 """ImageNet-LT / Places-LT from the OLTR list files (Liu et al. 2019), JPEGs read lazily."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -33,6 +34,11 @@ class ListImageDataset(torch.utils.data.Dataset):
                               torch.as_tensor(np.asarray(clean_targets), dtype=torch.int64))
         self.image_format = fmt
         self.transform = torchvision_transform(fmt)
+
+    def without_augmentation(self) -> "ListImageDataset":
+        """The same files and labels with the test transform (resize, centre crop)."""
+        fmt = dataclasses.replace(self.image_format, augment="none")
+        return ListImageDataset(self.paths, self.targets, fmt, self.clean_targets)
 
     def __len__(self) -> int:
         return len(self.paths)
