@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["hessian_eigenvalues", "hessian_trace", "hessian_density", "SpectralDensity", "loss_along"]
+__all__ = ["hessian_eigenvalues", "hessian_extremes", "hessian_trace", "hessian_density", "SpectralDensity", "loss_along"]
 
 LossFn = Callable[[object, torch.Tensor], torch.Tensor]
 
@@ -238,6 +238,26 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable, k:
             return values
         eigvecs = vectors.T.to(run.basis.dtype) @ run.basis
         return values, eigvecs / eigvecs.norm(dim=1, keepdim=True)
+
+
+def hessian_extremes(model: nn.Module, loss_fn: LossFn, batches: Iterable, iters: int = 100, tol: float = 1e-4,
+                     seed: int = 0, classes=None, progress: bool | None = None) -> tuple[float, float]:
+    """(λ_max, λ_min) from one Lanczos run: its Ritz values converge to both ends of the
+    spectrum at once, each to the residual bound of ``hessian_eigenvalues``."""
+    _check_positive_int("iters", iters)
+    _check_tol(tol)
+    with eval_mode(model):
+        operator = HessianOperator(model, loss_fn, batches, classes)
+
+        def converged(run: Lanczos) -> bool:
+            values, vectors = run.ritz()
+            residual = (run.betas[-1] * vectors[-1, [0, -1]]).abs()
+            return bool((residual <= tol * values[[0, -1]].abs().clamp_min(1e-12)).all())
+
+        generator = torch.Generator().manual_seed(seed)
+        with _progress(min(iters, operator.size), "Hessian extremes", progress) as bar:
+            values, _ = _lanczos(operator, operator.random(generator, "normal"), iters, converged, bar).ritz()
+    return values[-1].item(), values[0].item()
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable, samples: int = 100, seed: int = 0,

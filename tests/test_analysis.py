@@ -218,3 +218,12 @@ def test_under_torch_distributed_each_rank_gets_the_hessian_of_all_shards(tmp_pa
         got = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(got["eigenvalues"], whole["eigenvalues"], rtol=1e-9, atol=1e-12)
         assert got["trace"] == pytest.approx(whole["trace"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_extremes_from_one_run_are_the_largest_and_smallest_eigenvalues(name):
+    model, loss_fn, data = make_case(name)
+    exact = torch.linalg.eigvalsh(exact_hessian(model, loss_fn, data))
+    top, bottom = analysis.hessian_extremes(model, loss_fn, data, iters=200, tol=1e-8, progress=False)
+    assert top == pytest.approx(exact[-1].item(), rel=1e-3)
+    assert bottom == pytest.approx(exact[0].item(), rel=1e-3, abs=1e-6 * exact.abs().max().item())

@@ -1,0 +1,71 @@
+"""A training run's folder, reopened: its configuration, dataset, model and criterion with the
+weights of a saved checkpoint. What the commands that read a finished (or interrupted)
+run share: ``python -m rdr_fast.analyze``, and whatever else evaluates a run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import RDRLoss, run_io
+from .cli_checks import UsageError
+from .data import LTDataset, load_dataset
+from .models import build_model
+from .train import Config
+
+CHECKPOINTS = {"last": run_io.CHECKPOINT}  # --which: the file each choice reads
+
+
+@dataclass
+class OpenRun:
+    folder: str
+    cfg: Config
+    ds: LTDataset
+    model: torch.nn.Module
+    criterion: RDRLoss
+    epoch: int  # the epoch the checkpoint was written after
+
+
+def saved_config(folder: str) -> Config:
+    """The Config a run was started with (its config.json); UsageError when the folder is
+    not a run or the file is unreadable."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{folder} is not a folder")
+    if not os.path.isfile(path):
+        raise UsageError(f"{folder} is not a run folder: it has no config.json")
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path} ({exc})") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} does not hold a configuration (a JSON object)")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in fields})
+
+
+def open_run(folder: str, which: str = "last", device: str = "cpu") -> OpenRun:
+    """The run in ``folder`` with the weights of its ``which`` checkpoint, on ``device``,
+    model and criterion in eval mode. UsageError for a folder that is not a run or a
+    checkpoint that is missing; DataNotFoundError when its data are not where the run
+    found them; CheckpointError for an unreadable checkpoint."""
+    if which not in CHECKPOINTS:
+        raise UsageError(f"--which must be one of {', '.join(CHECKPOINTS)}, got {which!r}")
+    cfg = saved_config(folder)
+    path = os.path.join(folder, CHECKPOINTS[which])
+    if not os.path.isfile(path):
+        raise UsageError(f"{folder} has no {which} checkpoint: {path} does not exist")
+    state = run_io.load_checkpoint(folder)
+    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, noise_ratio=cfg.noise_ratio,
+                      seed=cfg.seed)
+    model = build_model(cfg.model, ds.num_classes, ds.in_channels).to(device)
+    model.load_state_dict(state["model"])
+    criterion = RDRLoss(ds.class_counts, model.feat_dim, base=cfg.loss, reweight=cfg.reweight,
+                        momentum=cfg.rdr_momentum, temperature=cfg.temperature, tau=cfg.tau,
+                        focal_gamma=cfg.focal_gamma, beta=cfg.cb_beta).to(device)
+    criterion.load_state_dict(state["criterion"])
+    return OpenRun(folder, cfg, ds, model.eval(), criterion.eval(), int(state["epoch"]))
