@@ -143,20 +143,14 @@ def draw_spectrum(run, loss_fn, batches, cls, result, args) -> None:
     density = analysis.hessian_density(run.model, loss_fn, batches, steps=args.density_steps, runs=args.density_runs,
                                        seed=args.seed, progress=args.progress)
     numbers = result["per_class"][str(cls)]["trained"]
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.semilogy(density.grid.numpy(), density.density.clamp_min(1e-12).numpy(), color="tab:blue")
-    for value, label, colour in ((numbers["lambda_max"], "λ_max", "tab:red"), (numbers["lambda_min"], "λ_min", "tab:green")):
-        ax.axvline(value, color=colour, linestyle="--", label=f"{label} = {value:.3g}")
-    ax.set(xlabel="eigenvalue", ylabel="density (log scale)", ylim=(1e-8, None),
-           title=f"Hessian spectrum, class {cls} (training samples: {run.ds.class_counts[cls]})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run.folder, "spectrum.png"), dpi=120)
-    plt.close(fig)
+    with run_io.figure(os.path.join(run.folder, "spectrum.png")) as (_, ax):
+        ax.semilogy(density.grid.numpy(), density.density.clamp_min(1e-12).numpy(), color="tab:blue")
+        for value, label, colour in ((numbers["lambda_max"], "λ_max", "tab:red"),
+                                     (numbers["lambda_min"], "λ_min", "tab:green")):
+            ax.axvline(value, color=colour, linestyle="--", label=f"{label} = {value:.3g}")
+        ax.set(xlabel="eigenvalue", ylabel="density (log scale)", ylim=(1e-8, None),
+               title=f"Hessian spectrum, class {cls} (training samples: {run.ds.class_counts[cls]})")
+        ax.legend()
     result["spectrum"] = {"class": cls, "nodes": [n.tolist() for n in density.nodes],
                           "weights": [w.tolist() for w in density.weights]}
 
@@ -165,20 +159,12 @@ def draw_landscape(run, losses, batches, cls, args) -> None:
     _, vectors = analysis.hessian_eigenvalues(run.model, losses["trained"], batches, iters=args.iters, seed=args.seed,
                                               return_vectors=True, progress=args.progress)
     epsilons = torch.linspace(-args.epsilon, args.epsilon, 41)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, fn in losses.items():
-        curve = analysis.loss_along(run.model, fn, batches, vectors[0], epsilons)
-        ax.plot(epsilons.numpy(), curve.numpy(), label={"trained": "loss trained with", "ce": "cross-entropy"}[name])
-    ax.set(xlabel="ε (along the top eigenvector v)", ylabel="loss at θ + ε·v",
-           title=f"Loss landscape, class {cls}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run.folder, "landscape.png"), dpi=120)
-    plt.close(fig)
+    with run_io.figure(os.path.join(run.folder, "landscape.png")) as (_, ax):
+        for name, fn in losses.items():
+            curve = analysis.loss_along(run.model, fn, batches, vectors[0], epsilons)
+            ax.plot(epsilons.numpy(), curve.numpy(), label={"trained": "loss trained with", "ce": "cross-entropy"}[name])
+        ax.set(xlabel="ε (along the top eigenvector v)", ylabel="loss at θ + ε·v", title=f"Loss landscape, class {cls}")
+        ax.legend()
 
 
 def table(result) -> str:

@@ -14,6 +14,7 @@ A run folder holds:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -185,25 +186,92 @@ def _csv_text(fields, rows) -> str:
     return buffer.getvalue()
 
 
-def plot_history(folder: str, history: list[dict], title: str) -> None:
-    """weights.png (mean RDR weight per split, paper Fig. 7) and accuracy.png."""
+@contextlib.contextmanager
+def figure(path: str, size=(6, 4)):
+    """(fig, ax) of a new matplotlib figure (Agg: no display needed), saved to `path`
+    when the block ends without an error."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_history(folder: str, history: list[dict], title: str) -> None:
+    """weights.png (mean RDR weight per split, paper Fig. 7) and accuracy.png."""
     epochs = [row["epoch"] for row in history]
     for prefix, name, ylabel in (("weight", "weights.png", "mean sample weight"),
                                  ("acc", "accuracy.png", "test top-1 accuracy (%)")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for split in SPLITS:
-            ax.plot(epochs, [row[f"{prefix}_{split}"] for row in history], marker=".", label=split.title())
-        if prefix == "acc":
-            ax.plot(epochs, [row["acc_all"] for row in history], "k--", label="All")
-        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, name), dpi=120)
-        plt.close(fig)
+        with figure(os.path.join(folder, name)) as (_, ax):
+            for split in SPLITS:
+                ax.plot(epochs, [row[f"{prefix}_{split}"] for row in history], marker=".", label=split.title())
+            if prefix == "acc":
+                ax.plot(epochs, [row["acc_all"] for row in history], "k--", label="All")
+            ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+            ax.grid(alpha=0.3)
+            ax.legend()
+
+
+# Up to this many classes confusion.csv is the matrix and confusion.png shows every class;
+# beyond, the csv lists the non-zero cells and the picture sums the classes by split.
+CONFUSION_DENSE_CLASSES = 200
+
+
+def write_confusion(folder: str, confusion: torch.Tensor, splits: dict) -> None:
+    """confusion.csv (counts, rows = true class, columns = predicted) and confusion.png
+    (row-normalised: each true class's prediction distribution)."""
+    counts = confusion.cpu().long()
+    num_classes = counts.shape[0]
+    if num_classes <= CONFUSION_DENSE_CLASSES:
+        rows = [["true\\predicted", *range(num_classes)]] + [[c, *counts[c].tolist()] for c in range(num_classes)]
+    else:
+        cells = torch.nonzero(counts)
+        rows = [["true", "predicted", "count"]] + [[t, q, int(counts[t, q])] for t, q in cells.tolist()]
+    atomic_write(os.path.join(folder, "confusion.csv"),
+                 lambda f: f.write("\n".join(",".join(map(str, r)) for r in rows).encode() + b"\n"))
+    labels = None
+    if num_classes > CONFUSION_DENSE_CLASSES:  # true split x predicted split
+        bounds = [splits[s] for s in SPLITS]
+        counts = torch.stack([torch.stack([counts[a:b, c:d].sum() for c, d in bounds]) for a, b in bounds])
+        labels = [s.title() for s in SPLITS]
+    share = counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    with figure(os.path.join(folder, "confusion.png"), size=(7, 6)) as (fig, ax):
+        image = ax.imshow(share.numpy(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="share of the true class's test samples")
+        if labels:
+            ax.set_xticks(range(3), labels)
+            ax.set_yticks(range(3), labels)
+            for i in range(3):
+                for j in range(3):
+                    ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center",
+                            color="white" if share[i, j] < 0.5 else "black")
+        ax.set(xlabel="predicted class" + (" split" if labels else ""),
+               ylabel="true class" + (" split" if labels else " (0 = most training samples)"),
+               title="Confusion matrix" + (" by Many / Medium / Few" if labels else ""))
+
+
+def plot_reliability(folder: str, calibration: dict) -> None:
+    """reliability.png: accuracy against confidence per bin (rdr_fast.metrics), the gap to
+    the diagonal shaded, the ECE in the title."""
+    edges, accuracy, confidence = calibration["edges"], calibration["accuracy"], calibration["confidence"]
+    width = float(edges[1] - edges[0])
+    filled = calibration["count"] > 0
+    with figure(os.path.join(folder, "reliability.png"), size=(5, 5)) as (_, ax):
+        ax.bar(edges[:-1][filled].numpy(), accuracy[filled].numpy(), width=width, align="edge",
+               edgecolor="black", label="accuracy")
+        gap_low = torch.minimum(accuracy, confidence)[filled]
+        ax.bar(edges[:-1][filled].numpy(), (accuracy - confidence).abs()[filled].numpy(), bottom=gap_low.numpy(),
+               width=width, align="edge", fill=False, hatch="//", edgecolor="tab:red",
+               label="gap to the mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top softmax probability)", ylabel="accuracy",
+               title=f"Reliability (ECE {100 * calibration['ece']:.2f}%)")
+        ax.legend(loc="upper left")
 
 
 def summary_table(metrics: dict) -> str:

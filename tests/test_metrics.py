@@ -137,3 +137,25 @@ def test_an_absent_class_is_left_out_of_the_class_means():
 def test_nothing_evaluated_is_refused():
     with pytest.raises(ValueError, match="nothing was evaluated"):
         Evaluation(3).compute([3, 2, 1], class_splits("x", 3))
+
+
+@pytest.mark.parametrize("num_classes", [12, 300])  # the matrix, and the non-zero cells past 200 classes
+def test_confusion_csv_holds_the_counts_and_the_pictures_are_drawn(tmp_path, num_classes):
+    import csv
+
+    from rdr_fast import run_io
+
+    logits, labels = random_predictions(n=900, num_classes=num_classes)
+    ev, _ = evaluate(logits, labels)
+    run_io.write_confusion(str(tmp_path), ev.confusion, class_splits("x", num_classes))
+    run_io.plot_reliability(str(tmp_path), ev.calibration())
+    rows = list(csv.reader((tmp_path / "confusion.csv").open()))
+    read = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    if rows[0][0] == "true":
+        for t, q, n in rows[1:]:
+            read[int(t), int(q)] = int(n)
+    else:
+        read = torch.tensor([[int(v) for v in row[1:]] for row in rows[1:]])
+    assert torch.equal(read, ev.confusion)
+    for name in ("confusion.png", "reliability.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
