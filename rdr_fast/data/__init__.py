@@ -20,12 +20,12 @@ looked for, where, and how to fix it.
 from __future__ import annotations
 
 from .common import (DataNotFoundError, LTDataset, TensorImageDataset, add_symmetric_noise,
-                     class_splits, long_tail_counts)
+                     class_counts, class_splits, long_tail_counts)
 from .datasets import DATASETS, load_dataset
 from .factory import LOADERS, make_loaders, resolve_loader, set_epoch
 from .sampling import SeededShuffleSampler
 from .image_format import ImageFormat
 
 __all__ = ["DATASETS", "DataNotFoundError", "ImageFormat", "LTDataset", "SeededShuffleSampler",
-           "TensorImageDataset", "add_symmetric_noise", "class_splits", "load_dataset",
+           "TensorImageDataset", "add_symmetric_noise", "class_counts", "class_splits", "load_dataset",
            "long_tail_counts", "make_loaders", "LOADERS", "resolve_loader", "set_epoch"]

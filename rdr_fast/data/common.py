@@ -51,6 +51,31 @@ PAPER_SPLITS = {
 }
 
 
+def class_counts(labels_or_dataset, num_classes: int | None = None) -> list[int]:
+    """Samples per class: from a sequence of integer labels (list, NumPy array, tensor), or a
+    dataset with a ``targets`` attribute (torchvision's ImageFolder, CIFAR, rdr_fast's) or
+    else yielding (x, label) items. ``num_classes``: the length of the result (default:
+    the largest label + 1). What RDRLoss's ``class_counts`` takes."""
+    source = getattr(labels_or_dataset, "targets", labels_or_dataset)
+    if isinstance(source, torch.utils.data.Dataset):
+        source = [item[1] for item in source]
+    try:
+        labels = torch.as_tensor(np.asarray(source))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"labels_or_dataset must be integer labels or a dataset of (x, label) items ({exc})") from None
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels_or_dataset must hold a 1-D sequence of integer labels, got {labels.dtype} "
+                        f"of shape {tuple(labels.shape)}")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"labels_or_dataset: labels must be >= 0, found {int(labels.min())}")
+    largest = int(labels.max()) if len(labels) else -1
+    if num_classes is None:
+        num_classes = largest + 1
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= largest:
+        raise ValueError(f"num_classes must be an integer above the largest label ({largest}), got {num_classes!r}")
+    return torch.bincount(labels.long(), minlength=num_classes).tolist()
+
+
 def class_splits(name: str, num_classes: int) -> dict:
     """The paper's ranges when (name, C) is a paper setting, else thirds by index:
     many [0, C//3), medium [C//3, C - C//3), few [C - C//3, C). For C = 10 that is

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from ._resnet_cifar import ResNetCifar, SmallCNN, resnet32, small_cnn
 from ._resnet_imagenet import FeatResNet, load_pretrained, resnet50, resnet152
+from .wrap import WithFeatures, find_head, with_features
 
-__all__ = ["MODELS", "FeatResNet", "ResNetCifar", "SmallCNN", "build_model", "default_model",
-           "load_pretrained", "resnet32", "resnet50", "resnet152", "small_cnn"]
+__all__ = ["MODELS", "FeatResNet", "ResNetCifar", "SmallCNN", "WithFeatures", "build_model", "default_model",
+           "find_head", "load_pretrained", "resnet32", "resnet50", "resnet152", "small_cnn", "with_features"]
 
 MODELS = {"resnet32": resnet32, "resnet50": resnet50, "resnet152": resnet152,
           "small_cnn": small_cnn}
