@@ -84,3 +84,17 @@ def test_class_counts_from_labels_of_any_kind_and_from_datasets():
 def test_class_counts_refuses_what_are_not_labels(given, kwargs, error, message):
     with pytest.raises(error, match=message):
         class_counts(given, **kwargs)
+
+
+@pytest.mark.slow
+def test_the_own_model_example_runs_and_learns():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "own_model.py"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    accuracies = [float(a) for a in last.split("(head to tail)")[1].split()]
+    assert last.startswith("epoch 4:") and sum(accuracies) / len(accuracies) > 0.5, done.stdout  # chance is 0.2
