@@ -176,9 +176,10 @@ def zeros_like_model(name: str, in_channels: int) -> dict:
     return {key: torch.zeros(value.shape, dtype=value.dtype) for key, value in model.state_dict().items()}
 
 
-@pytest.fixture
-def scene(tmp_path):
-    """A folder with the files the rows point at."""
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A folder with the files the rows point at, made once: each row checks it is unchanged."""
+    tmp_path = tmp_path_factory.mktemp("cli")
     tmp = tmp_path / "scene"
     (tmp / "data").mkdir(parents=True)
     (tmp / "a_file").write_text("not a folder")
@@ -196,9 +197,15 @@ def scene(tmp_path):
     torch.save({"fc.weight": WritesMarker(str(tmp / "marker"))}, tmp / "code.pt")
     torch.save([torch.zeros(2)], tmp / "list.pt")
     torch.save(zeros_like_model("small_cnn", 3), tmp / "rgb_small_cnn.pt")   # digits_lt is grayscale
+    return {"tmp": str(tmp), "ro": readonly_folder(tmp_path), "missing_cuda": MISSING_CUDA}
+
+
+@pytest.fixture
+def scene(files, tmp_path):
+    """The files, and a fresh empty folder to run in."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    return {"tmp": str(tmp), "ro": readonly_folder(tmp_path), "missing_cuda": MISSING_CUDA, "cwd": str(cwd)}
+    return {**files, "cwd": str(cwd)}
 
 
 def tree(folder) -> set:
@@ -343,13 +350,14 @@ def test_every_numeric_flag_has_a_range():
     assert numeric == set(cli_checks.RANGES)
 
 
-def test_good_flags_pass_the_checks(scene, monkeypatch):
+def test_good_flags_pass_the_checks(scene, tmp_path, monkeypatch):
     monkeypatch.chdir(scene["cwd"])
-    torch.save(zeros_like_model("small_cnn", 1), os.path.join(scene["tmp"], "small_cnn.pt"))
+    weights = str(tmp_path / "small_cnn.pt")
+    torch.save(zeros_like_model("small_cnn", 1), weights)
     cfg = train.configure(["--epochs", "3", "--batch-size", "7", "--tau", "-1", "--noise-ratio", "0",
-                           "--export", os.path.join(scene["tmp"], "model.pt"), "--device", "cpu",
+                           "--export", str(tmp_path / "model.pt"), "--device", "cpu",
                            "--lr", "10", "--temperature", "10", "--warmup-epochs", "2.9",
-                           "--pretrained", os.path.join(scene["tmp"], "small_cnn.pt"),
+                           "--pretrained", weights,
                            "--num-workers", str(TOO_MANY_WORKERS - 1)])
     assert (cfg.epochs, cfg.batch_size, cfg.tau, cfg.device, cfg.lr) == (3, 7, -1.0, "cpu", 10.0)
     assert cfg.out.startswith("runs" + os.sep)   # the default folder, not created yet
