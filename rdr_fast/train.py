@@ -373,9 +373,11 @@ def run(cfg: Config) -> dict:
     start_epoch, history = 0, []
     if cfg.resume and ctx.is_main:
         run_io.remove_temporaries(cfg.out)       # a killed run's unfinished writes
+    # A run resumed without a checkpoint stopped before its first epoch ended: it starts
+    # over, from epoch 0 with the config.json it has.
     if cfg.resume and os.path.isfile(os.path.join(cfg.out, run_io.CHECKPOINT)):
         start_epoch, history = restore(cfg, ds, ctx, model, criterion, optimizer, scheduler)
-    elif ctx.is_main and not cfg.resume:  # resumed without a checkpoint: over from epoch 0, same config
+    elif ctx.is_main and not cfg.resume:
         run_io.write_json(os.path.join(cfg.out, "config.json"),
                           {**dataclasses.asdict(cfg), "git_commit": run_io.git_commit()})
     if not cfg.quiet:
