@@ -252,8 +252,21 @@ def _python_m_child(argv: list, cwd: str, out_fd: int, err_fd: int) -> int:
         sys.stderr.flush()
 
 
+def python_m(argv: list, cwd: str) -> Finished:
+    """`python -m rdr_fast.train ARGV` as a process of its own."""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(rdr_fast.__file__)),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("RDR_FAST_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "rdr_fast.train", *argv], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+    return Finished(done.returncode, done.stdout, done.stderr)
+
+
 def run_in_child(argv: list, cwd: str, tmp_path, timeout: float = 60) -> Finished:
-    """`python -m rdr_fast.train ARGV` in a forked child of this process."""
+    """`python -m rdr_fast.train ARGV` in a forked child of this process (as its own
+    process where this one has initialised CUDA, which a forked child cannot use)."""
+    if torch.cuda.is_initialized():
+        return python_m(argv, cwd)
     paths = [str(tmp_path / "child.stdout"), str(tmp_path / "child.stderr")]
     fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for path in paths]
     pid = os.fork()
@@ -330,14 +343,9 @@ def test_bad_inputs_are_refused_by_python_m(scene):
     rows = [row for row in ROWS if every or row[1] in PROCESS_ARGS]
     assert every or len(rows) == len(PROCESS_ARGS)
     before = tree(scene["tmp"])
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(rdr_fast.__file__)),
-           "OMP_NUM_THREADS": "1"}
-    env.pop("RDR_FAST_DEBUG", None)
 
     def refuse(row):
-        cmd = [sys.executable, "-m", "rdr_fast.train", *arguments(row[1], scene)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=scene["cwd"])
-        return row, Finished(done.returncode, done.stdout, done.stderr)
+        return row, python_m(arguments(row[1], scene), scene["cwd"])
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         for (kind, args, must_name), done in pool.map(refuse, rows):
             assert_refused(done, must_name)
