@@ -12,14 +12,17 @@ the machine is a function returning the problem (or None), listed in SETUP_CHECK
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
+import shutil
 import tempfile
+import warnings
 
 import torch
 
 from .data.datasets import FILE_LISTS, GRAYSCALE
-from .run_io import CHECKPOINT, safetensors_available
+from .run_io import CHECKPOINT, RUN_FILES, safetensors_available
 
 RGB_ONLY_MODELS = ("resnet50", "resnet152")     # the ImageNet ResNets take 3 channels
 
@@ -32,36 +35,37 @@ def at_least(low):
     return (lambda v: v >= low), f">= {low}"
 
 
-def above(low):
-    return (lambda v: v > low), f"> {low}"
+def within(low, high, *, low_open=False, high_open=False):
+    def fits(v):
+        return (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+    return fits, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
-
-def within(low, high, *, high_open=False):
-    if high_open:
-        return (lambda v: low <= v < high), f"in [{low}, {high})"
-    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
-
-
-ANY = (lambda v: True), "finite"
 
 # Every numeric flag's valid values (None, where a flag allows it, means "the default").
+# Upper bounds sit far above any published setting: beyond them a run cannot be expected
+# to train (float32 overflow, a degenerate loss) and would show it only as a NaN, or a
+# model that learns nothing, after hours of work.
 RANGES = {
     "imb_factor": at_least(1),
     "noise_ratio": within(0, 1, high_open=True),
     "rdr_momentum": within(0, 1, high_open=True),
-    "temperature": at_least(0),
+    # w = (r·N/n_y)^γ: at γ = 10 a class factor of 500 (CIFAR-LT, IF 500) alone is 1e27,
+    # near float32's 3.4e38, and each batch's weight sits on its single largest sample.
+    "temperature": within(0, 10),
     "warmup_epochs": at_least(0),
-    "tau": ANY,
-    "focal_gamma": at_least(0),
+    "tau": within(-10, 10),                     # τ·log prior beyond ±10 drowns the logits (LA uses τ = 1)
+    "focal_gamma": within(0, 10),               # (1 - p)^γ: beyond 10 every fairly learned sample's loss is ~0
     "cb_beta": within(0, 1, high_open=True),
     "epochs": at_least(1),
     "batch_size": at_least(1),
-    "lr": above(0),
+    # The recipes' peak lr is 0.05-0.2; SGD steps 50x larger overshoot into a non-finite loss.
+    "lr": within(0, 10, low_open=True),
     "momentum": within(0, 1, high_open=True),
-    "weight_decay": at_least(0),
-    "rho": at_least(0),
+    # A decay of lr·wd per step: wd > 1 shrinks the weights to 0 within tens of steps at any useful lr.
+    "weight_decay": within(0, 1),
+    "rho": within(0, 10),                       # SAM's radius; published ones reach 2 (ASAM)
     "sam_k": at_least(1),
-    "sam_alpha": at_least(0),
+    "sam_alpha": within(0, 10),                 # LookSAM's gradient mix; the paper's is 0.7
     "tail_threshold": at_least(0),
     "flat_ratio": within(0, 1),
     "seed": within(0, 2**32 - 1),                 # NumPy's legacy seeding takes 32 bits
@@ -120,6 +124,31 @@ def _model_fits_dataset(cfg) -> str | None:
     return None
 
 
+def _warmup_ends(cfg) -> str | None:
+    if cfg.reweight != "none" and cfg.warmup_epochs >= cfg.epochs:
+        return (f"--warmup-epochs {cfg.warmup_epochs:g} is not below --epochs {cfg.epochs}: "
+                f"--reweight {cfg.reweight} would never weight a sample (default warm-up: 5/200 of the epochs)")
+    return None
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Loader workers (torch processes, DALI threads) past a few per core add memory and
+# start-up time, not speed; a count far beyond that is a typo, refused rather than capped
+# so that the run does what its config.json says.
+WORKERS_PER_CPU = 4
+
+
+def _workers_fit(cfg) -> str | None:
+    cpus = usable_cpus()
+    if cfg.num_workers > WORKERS_PER_CPU * cpus:
+        return (f"--num-workers {cfg.num_workers} is more than {WORKERS_PER_CPU} per CPU core "
+                f"({WORKERS_PER_CPU * cpus} for the {cpus} this process may use)")
+    return None
+
+
 def _data_source(cfg) -> str | None:
     if cfg.dataset == "digits_lt" and (cfg.data_root or cfg.download):
         given = "--data-root" if cfg.data_root else "--download"
@@ -131,12 +160,24 @@ def _data_source(cfg) -> str | None:
         return f"--data-root is required for {cfg.dataset}: the folder with its OLTR list files"
     if cfg.data_root and not cfg.download and not os.path.isdir(cfg.data_root):
         return f"--data-root {cfg.data_root} is not an existing folder"
+    if cfg.download:
+        root = cfg.data_root or "data"     # where the CIFAR and Fashion-MNIST loaders download to
+        problem = _unwritable(root)
+        return f"--download into {root}: {problem}" if problem else None
     return None
 
 
 def _loader_fits(cfg) -> str | None:
+    """gpu serves in-memory datasets on any device, dali any dataset on cpu or cuda."""
     if cfg.loader == "gpu" and cfg.dataset in FILE_LISTS:
         return f"--loader gpu needs an in-memory dataset; {cfg.dataset} reads image files: use dali or torch"
+    if cfg.loader == "gpu" and cfg.num_workers:
+        return (f"--num-workers {cfg.num_workers} with --loader gpu: the gpu loader has no workers "
+                "(it augments on the device); drop --num-workers or use --loader torch")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.loader == "dali" and cfg.dataset in FILE_LISTS and cfg.batch_size % world:
+        return (f"--batch-size {cfg.batch_size} with --loader dali on {world} processes: DALI's file "
+                f"reader needs a global batch divisible by the number of processes")
     if cfg.loader == "dali":
         from .data.dali_loader import dali_available
         if not dali_available():
@@ -159,12 +200,59 @@ def _device_exists(cfg) -> str | None:
     return None
 
 
-def _files_exist(cfg) -> str | None:
-    if cfg.pretrained and not os.path.isfile(cfg.pretrained):
+def _precision_supported(cfg) -> str | None:
+    if cfg.amp and cfg.device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        return f"--amp: --device {cfg.device} has no bfloat16 support (autocast runs in bf16); use --no-amp"
+    return None
+
+
+def _compile_possible(cfg) -> str | None:
+    """What inductor needs before its first compile: Triton on CUDA, a C++ compiler on CPU.
+    A compile that fails anyway is a run failure at the first step (train.RUN_FAILURES)."""
+    if not cfg.compile:
+        return None
+    if cfg.device.startswith("cuda") and importlib.util.find_spec("triton") is None:
+        return "--compile on CUDA needs Triton (pip install triton), or drop --compile"
+    if cfg.device == "cpu":
+        from torch._inductor import config as inductor_config
+        compiler = inductor_config.cpp.cxx[-1]           # $CXX, else g++
+        if shutil.which(compiler) is None:
+            return f"--compile on the CPU needs a C++ compiler; {compiler} is not on PATH (set CXX), or drop --compile"
+    return None
+
+
+def _pretrained_fits(cfg) -> str | None:
+    """The file loads without running code, holds a state dict, and fits the backbone:
+    load_pretrained itself, into a copy of the model on the meta device (no memory, no
+    init). The classifier may be of another shape (it is skipped), so any class count does."""
+    if not cfg.pretrained:
+        return None
+    if not os.path.isfile(cfg.pretrained):
         return f"--pretrained {cfg.pretrained} is not an existing file"
-    if cfg.resume and not os.path.isfile(os.path.join(cfg.resume, CHECKPOINT)):
-        return (f"--resume {cfg.resume}: no {CHECKPOINT} there (the run stopped before its first "
-                "epoch ended); start it again with --out")
+    if os.path.getsize(cfg.pretrained) == 0:
+        return f"--pretrained {cfg.pretrained} is an empty file"
+    from .models import build_model, load_pretrained
+    with torch.device("meta"):
+        model = build_model(cfg.model, 2, 1 if cfg.dataset in GRAYSCALE else 3)
+    try:
+        with warnings.catch_warnings():   # copying into meta tensors is the no-op we want
+            warnings.simplefilter("ignore", UserWarning)
+            load_pretrained(model, cfg.pretrained)
+    except ValueError as exc:
+        unreadable = exc.__context__       # torch.load's own error, many lines long
+        if unreadable is not None:
+            return (f"--pretrained {cfg.pretrained} cannot be read by torch.load(weights_only=True) "
+                    f"({type(unreadable).__name__}): give a state dict saved with torch.save")
+        return f"--pretrained {exc}"
+    return None
+
+
+def _files_exist(cfg) -> str | None:
+    # Without a checkpoint (stopped before its first epoch ended) --resume starts the run
+    # over from its config.json; only exporting needs one.
+    if cfg.resume and cfg.export and not os.path.isfile(os.path.join(cfg.resume, CHECKPOINT)):
+        return (f"--resume {cfg.resume} --export: no {CHECKPOINT} there (the run stopped before its "
+                "first epoch ended), so there is no model to export")
     return None
 
 
@@ -200,6 +288,9 @@ def _export_usable(cfg) -> str | None:
         return None
     if os.path.isdir(cfg.export):
         return f"--export {cfg.export} is a folder; give a file name"
+    if (os.path.dirname(os.path.abspath(cfg.export)) == os.path.abspath(cfg.out)
+            and os.path.basename(cfg.export) in RUN_FILES):
+        return f"--export {cfg.export} would overwrite the run's own {os.path.basename(cfg.export)}"
     folder = os.path.dirname(os.path.abspath(cfg.export))
     if not os.path.isdir(folder):
         return f"--export {cfg.export}: the folder {folder} does not exist"
@@ -209,8 +300,9 @@ def _export_usable(cfg) -> str | None:
     return f"--export {cfg.export}: {problem}" if problem else None
 
 
-SETUP_CHECKS = (_model_fits_dataset, _data_source, _loader_fits, _device_exists, _files_exist,
-                _out_usable, _export_usable)
+SETUP_CHECKS = (_model_fits_dataset, _warmup_ends, _workers_fit, _data_source, _loader_fits, _device_exists,
+                _precision_supported, _compile_possible, _pretrained_fits, _files_exist, _out_usable,
+                _export_usable)
 
 
 def check_setup(cfg) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("config.json", CHECKPOINT, "metrics.csv", "summary.json", "weights.png", "accuracy.png")
 SPLITS = ("many", "medium", "few")
 
 
@@ -37,10 +38,13 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash mid-write
-    leaves the previous file intact, never a truncated one."""
+    """Write through a temporary file in the same folder, fsync it, then rename it over
+    `path`: os.replace is atomic on POSIX, so a crash or a kill -9 at any point leaves
+    either the previous file or the new one whole, never a truncated one; the fsync
+    before the rename keeps the new name from pointing at unwritten data after a power
+    loss."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -51,6 +55,19 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Delete what atomic_write left in `folder` when its process was killed between
+    creating the temporary file and renaming it (SIGKILL runs no cleanup). The files it
+    replaces were never touched. Returns the names removed."""
+    stale = sorted(name for name in os.listdir(folder) if name.startswith(TEMPORARY_PREFIX))
+    for name in stale:
+        os.unlink(os.path.join(folder, name))
+    return stale
 
 
 def write_json(path: str, obj) -> None:

@@ -6,7 +6,8 @@ CNN, CE + RDR, the paper's protocol otherwise (SGD 0.9, wd 2e-4, lr 0.1 cosine, 
 Each epoch: train, evaluate every `--eval-every` epochs and at the end (overall / Many /
 Medium / Few / per class, a metrics.csv row), replace the checkpoint atomically; the
 plots are drawn when the run ends. `--resume DIR` continues a
-run exactly where its last completed epoch left it; `--export FILE` writes the model's
+run exactly where its last completed epoch left it (however it stopped, kill -9
+included; from the start if no epoch was completed); `--export FILE` writes the model's
 weights alone for sharing (with `--resume DIR`: only that, no training).
 
 Every flag is checked before any work starts (rdr_fast.cli_checks): a bad one is refused
@@ -283,7 +284,8 @@ class RunFailure(RuntimeError):
     """The run's inputs cannot be used (an unfit loader, a pretrained file for another model)."""
 
 
-# A run stopped by its inputs or its machine, not by a bug: one `error:` line, exit status 1.
+# A run stopped by its inputs or its machine, not by a bug: one `error:` line, exit status 1
+# (and, with --compile, torch.compile failing on this machine: main() tells them apart).
 RUN_FAILURES = (RunFailure, DataNotFoundError, run_io.CheckpointError, FloatingPointError, OSError,
                 torch.cuda.OutOfMemoryError)
 
@@ -309,16 +311,36 @@ def main(argv=None) -> dict:
         raise Refused(message) from None
     try:
         return export_run(cfg) if cfg.resume and cfg.export else run(cfg)
-    except RUN_FAILURES as exc:
-        if os.environ.get("RDR_FAST_DEBUG"):
+    except Exception as exc:
+        compile_failed = cfg.compile and _compile_failure(exc)
+        if not (compile_failed or isinstance(exc, RUN_FAILURES)) or os.environ.get("RDR_FAST_DEBUG"):
             raise
+        if compile_failed:
+            raise SystemExit(f"error: --compile: torch.compile failed at the first step "
+                             f"({_first_paragraph(exc)}); run without --compile") from None
         raise SystemExit(f"error: {_one_line(exc)}") from None
+
+
+def _compile_failure(exc: BaseException) -> bool:
+    """An error of torch.compile's (Dynamo's tracing, Inductor's code generation, its C++
+    or Triton build). Their module is loaded once anything was compiled; importing it
+    here would cost every run seconds."""
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(exc, dynamo.TorchDynamoException)
 
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:  # not "[Errno 28] ..."
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     return " ".join(str(exc).split())
+
+
+def _first_paragraph(exc: BaseException, limit: int = 300) -> str:
+    """The cause at the head of a long message (compile errors go on with the command
+    line, the generated code and hints)."""
+    head = str(exc).strip().split("\n\n")[0]
+    text = " ".join(head.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def export_run(cfg: Config) -> dict:
@@ -349,9 +371,13 @@ def run(cfg: Config) -> dict:
     criterion.warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
     os.makedirs(cfg.out, exist_ok=True)
     start_epoch, history = 0, []
-    if cfg.resume:
+    if cfg.resume and ctx.is_main:
+        run_io.remove_temporaries(cfg.out)       # a killed run's unfinished writes
+    # A run resumed without a checkpoint stopped before its first epoch ended: it starts
+    # over, from epoch 0 with the config.json it has.
+    if cfg.resume and os.path.isfile(os.path.join(cfg.out, run_io.CHECKPOINT)):
         start_epoch, history = restore(cfg, ds, ctx, model, criterion, optimizer, scheduler)
-    elif ctx.is_main:
+    elif ctx.is_main and not cfg.resume:
         run_io.write_json(os.path.join(cfg.out, "config.json"),
                           {**dataclasses.asdict(cfg), "git_commit": run_io.git_commit()})
     if not cfg.quiet:

@@ -1,35 +1,46 @@
 """Every bad input to `python -m rdr_fast.train` is refused before any work starts: exit
 status 2, exactly one stderr line, starting `error:` and naming the flag, no traceback,
-and no run folder left behind.
+and no file or folder left behind.
 
-How the table runs: every row goes through train.main in this process (a refusal costs
-milliseconds there; an uncaught exception would fail the test, so "no traceback" holds
-too), and four representative rows also run as their own `python -m rdr_fast.train`
-processes, two at a time with concurrent.futures, to check what a user sees: the exit
-status and the bare stderr. Each process spends 3-8 s importing torch on a shared
-2-core machine, so every row as a process takes minutes; RDR_FAST_CLI_ALL_PROCESSES=1
-makes the process test run every row.
+How the table runs: every row is its own process. A `python -m` process spends 3-8 s
+importing torch on a shared 2-core machine, so the test process imports torch and
+rdr_fast once and forks a child per row (`refuse_in_child`): the child runs the module
+as `python -m` does (runpy, sys.argv, a fresh warnings state, the default excepthook for
+an uncaught exception, SystemExit turned into the exit status) with its fds 1 and 2 on
+files and its cwd in a fresh empty folder, and the parent reads its exit status and
+stderr. A fork costs milliseconds. A few rows also run as genuine `python -m
+rdr_fast.train` processes, two at a time, to check that the fork tells the truth;
+RDR_FAST_CLI_ALL_PROCESSES=1 runs every row that way (minutes).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import importlib
 import json
 import os
+import runpy
+import signal
 import subprocess
 import sys
+import time
+import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 import rdr_fast
+import rdr_fast.data
 from rdr_fast import cli_checks, run_io, train
+from rdr_fast.models import build_model
 
 NO_CUDA = not torch.cuda.is_available()
 MISSING_CUDA = f"cuda:{torch.cuda.device_count()}"   # one past the last device: never exists
+TOO_MANY_WORKERS = cli_checks.WORKERS_PER_CPU * cli_checks.usable_cpus() + 1
 
-# (kind, arguments, what the message must name). {tmp} is a scene folder (see `scene`),
-# {ro} a folder nobody may write in, {missing_cuda} a CUDA device this machine lacks.
+# (kind, arguments, the flags the message must name). {tmp} is a scene folder (see
+# `scene`), {ro} a folder nobody may write in, {missing_cuda} a CUDA device this machine lacks.
 ROWS = [
     # integer flags where 0 or a negative number makes no sense
     ("range", "--epochs 0", "--epochs"),
@@ -41,21 +52,31 @@ ROWS = [
     ("range", "--num-workers -1", "--num-workers"),
     ("range", "--seed -1", "--seed"),
     ("range", f"--seed {2**32}", "--seed"),
-    # real-valued flags out of range
+    # real-valued flags out of range, below and above
     ("range", "--lr -0.1", "--lr"),
     ("range", "--lr 0", "--lr"),
+    ("range", "--lr 1e300", "--lr"),
+    ("range", "--lr 10.5", "--lr"),
     ("range", "--momentum 1.0", "--momentum"),
     ("range", "--weight-decay -1e-4", "--weight-decay"),
+    ("range", "--weight-decay 2", "--weight-decay"),
     ("range", "--imb-factor 0.5", "--imb-factor"),
     ("range", "--noise-ratio 1.5", "--noise-ratio"),
     ("range", "--noise-ratio -0.1", "--noise-ratio"),
     ("range", "--rdr-momentum 1.5", "--rdr-momentum"),
     ("range", "--temperature -1", "--temperature"),
+    ("range", "--temperature 1e300", "--temperature"),
+    ("range", "--temperature 10.5", "--temperature"),
     ("range", "--warmup-epochs -1", "--warmup-epochs"),
+    ("range", "--tau 1e300", "--tau"),
+    ("range", "--tau -11", "--tau"),
     ("range", "--focal-gamma -1", "--focal-gamma"),
+    ("range", "--focal-gamma 11", "--focal-gamma"),
     ("range", "--cb-beta 1.0", "--cb-beta"),
     ("range", "--rho -0.05", "--rho"),
+    ("range", "--rho 1e300", "--rho"),
     ("range", "--sam-alpha -1", "--sam-alpha"),
+    ("range", "--sam-alpha 100", "--sam-alpha"),
     ("range", "--tail-threshold -1", "--tail-threshold"),
     ("range", "--flat-ratio 1.5", "--flat-ratio"),
     # NaN and ±inf, refused on every real-valued flag
@@ -94,28 +115,39 @@ ROWS = [
     ("combination", "--dataset places_lt --data-root {tmp}/data --download", "--download"),
     ("combination", "--data-root {tmp}/data", "--data-root"),
     ("combination", "--dataset imagenet_lt --data-root {tmp}/data --loader gpu", "--loader"),
-    ("combination", "--resume {tmp}/run --out {tmp}/elsewhere", "--out"),
+    ("combination", "--loader gpu --num-workers 2", "--loader --num-workers"),
+    ("combination", "--resume {tmp}/run --out {tmp}/elsewhere", "--out --resume"),
+    ("combination", "--warmup-epochs 500 --epochs 2", "--warmup-epochs --epochs"),
+    ("combination", "--warmup-epochs 3 --epochs 3 --reweight cb", "--warmup-epochs --epochs"),
     # files and folders that must exist and be readable
     ("files", "--dataset cifar10_lt --data-root {tmp}/nowhere", "--data-root"),
     ("files", "--pretrained {tmp}/nowhere.pt", "--pretrained"),
+    ("files", "--pretrained {tmp}/empty.pt", "--pretrained"),
+    ("files", "--pretrained {tmp}/garbage.pt", "--pretrained"),
+    ("files", "--pretrained {tmp}/code.pt", "--pretrained"),
+    ("files", "--pretrained {tmp}/list.pt", "--pretrained"),
+    ("files", "--pretrained {tmp}/rgb_small_cnn.pt", "--pretrained"),
     ("files", "--resume {tmp}/nowhere", "--resume"),
     ("files", "--resume {tmp}/corrupt_config", "--resume"),
     ("files", "--resume {tmp}/list_config", "--resume"),
     ("files", "--resume {tmp}/bad_value_config", "--lr"),
     ("files", "--resume {tmp}/wrong_type_config", "--epochs"),
-    ("files", "--resume {tmp}/no_checkpoint", "--resume"),
-    # devices this machine does not have (plain `cuda` only where there is none)
-    ("device", "--device gpu", "--device"),
-    ("device", "--device {missing_cuda}", "--device"),
-    *([("device", "--device cuda", "--device")] if NO_CUDA else []),
+    ("files", "--resume {tmp}/no_checkpoint --export {tmp}/model.pt", "--resume --export"),
+    # devices and limits this machine does not have (plain `cuda` only where there is none)
+    ("machine", "--device gpu", "--device"),
+    ("machine", "--device {missing_cuda}", "--device"),
+    *([("machine", "--device cuda", "--device")] if NO_CUDA else []),
+    ("machine", f"--num-workers {TOO_MANY_WORKERS}", "--num-workers"),
     # where the run would be written
     ("output", "--out {tmp}/a_file", "--out"),
     ("output", "--out {tmp}/a_file/run", "--out"),
     ("output", "--out {ro}/run", "--out"),
     ("output", "--out {tmp}/run", "--out"),
+    ("output", "--dataset cifar10_lt --download --data-root {ro}/cifar", "--download"),
     ("output", "--export {tmp}/data", "--export"),
     ("output", "--export {tmp}/nowhere/model.pt", "--export"),
     ("output", "--export {ro}/model.pt", "--export"),
+    ("output", "--out {tmp}/new_run --export {tmp}/new_run/checkpoint.pt", "--export"),
     *([] if run_io.safetensors_available() else [("output", "--export {tmp}/model.safetensors", "--export")]),
 ]
 
@@ -129,9 +161,25 @@ def readonly_folder(tmp) -> str:
     return str(folder) if cli_checks._unwritable(str(folder)) else "/proc"
 
 
-@pytest.fixture
-def scene(tmp_path, monkeypatch):
-    """A folder with the files the rows point at; the default --out lands inside it."""
+class WritesMarker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this would write the marker file (into the scene)
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def zeros_like_model(name: str, in_channels: int) -> dict:
+    """A state dict of the model's shapes, built without compute (see refuse_in_child)."""
+    with torch.device("meta"):
+        model = build_model(name, 10, in_channels)
+    return {key: torch.zeros(value.shape, dtype=value.dtype) for key, value in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A folder with the files the rows point at, made once: each row checks it is unchanged."""
+    tmp_path = tmp_path_factory.mktemp("cli")
     tmp = tmp_path / "scene"
     (tmp / "data").mkdir(parents=True)
     (tmp / "a_file").write_text("not a folder")
@@ -144,8 +192,20 @@ def scene(tmp_path, monkeypatch):
         (tmp / name / "config.json").write_text(text)
     for name in ("run", "bad_value_config", "wrong_type_config"):
         (tmp / name / run_io.CHECKPOINT).write_bytes(b"only looked at after the checks")
-    monkeypatch.chdir(tmp)
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "garbage.pt").write_bytes(b"\x80\x02not a torch file" * 8)
+    torch.save({"fc.weight": WritesMarker(str(tmp / "marker"))}, tmp / "code.pt")
+    torch.save([torch.zeros(2)], tmp / "list.pt")
+    torch.save(zeros_like_model("small_cnn", 3), tmp / "rgb_small_cnn.pt")   # digits_lt is grayscale
     return {"tmp": str(tmp), "ro": readonly_folder(tmp_path), "missing_cuda": MISSING_CUDA}
+
+
+@pytest.fixture
+def scene(files, tmp_path):
+    """The files, and a fresh empty folder to run in."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return {**files, "cwd": str(cwd)}
 
 
 def tree(folder) -> set:
@@ -156,46 +216,141 @@ def arguments(row_args: str, scene: dict) -> list:
     return row_args.format(**scene).split()
 
 
-def assert_one_error_line(stderr: str, must_name: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("error: ") and must_name in lines[0], lines[0]
-    assert "Traceback" not in stderr
+@dataclass
+class Finished:
+    status: int
+    stdout: str
+    stderr: str
 
 
-@pytest.mark.parametrize("kind, args, must_name", ROWS)
-def test_bad_input_is_refused_before_any_work(kind, args, must_name, scene, capsys):
-    before = tree(scene["tmp"])
-    with pytest.raises(SystemExit) as exc:
-        train.main(arguments(args, scene))
-    assert exc.value.code == 2 and str(exc.value).startswith("error: ")
-    captured = capsys.readouterr()
-    assert_one_error_line(captured.err, must_name)
-    assert captured.out == ""
-    assert tree(scene["tmp"]) == before, "a refused run must not create files or folders"
+def _python_m_child(argv: list, cwd: str, out_fd: int, err_fd: int) -> int:
+    """In the forked child: run rdr_fast.train as `python -m` would; returns the status."""
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    sys.stdout = open(1, "w", closefd=False)
+    sys.stderr = open(2, "w", closefd=False)
+    os.chdir(cwd)
+    # libgomp's thread pool does not survive fork: one thread, as in DataLoader workers.
+    torch.set_num_threads(1)
+    importlib.reload(warnings)            # the interpreter's filters, not pytest's recorder
+    sys.excepthook = sys.__excepthook__
+    sys.modules.pop("rdr_fast.train", None)   # `python -m` finds it unimported
+    sys.argv = ["rdr_fast.train", *argv]
+    try:
+        runpy.run_module("rdr_fast.train", run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as exc:             # what the interpreter does with it
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
-# The process rows: our own check, argparse's, a corrupt config.json, an unusable --out.
-PROCESS_ARGS = ("--imb-factor nan", "--epochs x", "--resume {tmp}/corrupt_config", "--out {tmp}/a_file")
-
-
-def test_bad_inputs_are_refused_by_the_process(scene):
-    """What a user sees: exit status 2, one stderr line, no traceback, no folder."""
-    every = os.environ.get("RDR_FAST_CLI_ALL_PROCESSES")
-    rows = [row for row in ROWS if every or row[1] in PROCESS_ARGS]
-    before = tree(scene["tmp"])
+def python_m(argv: list, cwd: str) -> Finished:
+    """`python -m rdr_fast.train ARGV` as a process of its own."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(rdr_fast.__file__)),
            "OMP_NUM_THREADS": "1"}
     env.pop("RDR_FAST_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "rdr_fast.train", *argv], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+    return Finished(done.returncode, done.stdout, done.stderr)
+
+
+def run_in_child(argv: list, cwd: str, tmp_path, timeout: float = 60) -> Finished:
+    """`python -m rdr_fast.train ARGV` in a forked child of this process (as its own
+    process where this one has initialised CUDA, which a forked child cannot use)."""
+    if torch.cuda.is_initialized():
+        return python_m(argv, cwd)
+    paths = [str(tmp_path / "child.stdout"), str(tmp_path / "child.stderr")]
+    fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for path in paths]
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            status = _python_m_child(argv, cwd, *fds)
+        finally:
+            os._exit(status)              # no pytest teardown, no atexit in the child
+    for fd in fds:
+        os.close(fd)
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"{argv} did not finish in {timeout} s")
+        time.sleep(0.005)
+    stdout, stderr = (open(path).read() for path in paths)
+    os.unlink(paths[0]), os.unlink(paths[1])
+    return Finished(os.waitstatus_to_exitcode(done[1]), stdout, stderr)
+
+
+def assert_refused(done: Finished, must_name: str) -> None:
+    assert done.status == 2, (done.status, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and all(name in lines[0] for name in must_name.split()), lines[0]
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("kind, args, must_name", ROWS)
+def test_bad_input_is_refused_by_its_own_process(kind, args, must_name, scene, tmp_path):
+    before = tree(scene["tmp"])
+    assert_refused(run_in_child(arguments(args, scene), scene["cwd"], tmp_path), must_name)
+    assert tree(scene["tmp"]) == before, "a refused run must not create files or folders"
+    assert tree(scene["cwd"]) == set(), "nor a default runs/ folder"
+
+
+def test_the_child_reports_like_a_process(scene, tmp_path, monkeypatch):
+    """The fork runner shows what a process would: a crash's traceback and status 1, a
+    run failure's one line and status 1, --help's status 0 (so a green table means
+    something). The child runs a fresh copy of rdr_fast.train, so the patches go into
+    the modules it imports from."""
+    monkeypatch.setattr(cli_checks, "SETUP_CHECKS", (lambda cfg: 1 / 0,))
+    crashed = run_in_child([], scene["cwd"], tmp_path)
+    assert crashed.status == 1 and "Traceback" in crashed.stderr and "ZeroDivisionError" in crashed.stderr
+    monkeypatch.setattr(cli_checks, "SETUP_CHECKS", ())
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(rdr_fast.data, "load_dataset", full_disk)
+    failed = run_in_child(["--quiet"], scene["cwd"], tmp_path)
+    assert (failed.status, failed.stderr) == (1, "error: No space left on device\n")
+    helped = run_in_child(["--help"], scene["cwd"], tmp_path)
+    assert helped.status == 0 and "--warmup-epochs" in helped.stdout and helped.stderr == ""
+
+
+def test_compile_without_a_compiler_is_refused(scene, tmp_path, monkeypatch):
+    from torch._inductor import config as inductor_config
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-c++-compiler"))
+    assert_refused(run_in_child(["--compile", "--device", "cpu"], scene["cwd"], tmp_path), "--compile")
+
+
+# Rows that also run as genuine processes (two at a time, 5-10 s each): our own range
+# check, argparse's, a corrupt config.json, a pretrained file that is not a torch file.
+PROCESS_ARGS = ("--imb-factor nan", "--epochs x", "--resume {tmp}/corrupt_config", "--pretrained {tmp}/garbage.pt")
+
+
+def test_bad_inputs_are_refused_by_python_m(scene):
+    """What a user sees: exit status 2, one stderr line, no traceback, no folder."""
+    every = os.environ.get("RDR_FAST_CLI_ALL_PROCESSES")
+    rows = [row for row in ROWS if every or row[1] in PROCESS_ARGS]
+    assert every or len(rows) == len(PROCESS_ARGS)
+    before = tree(scene["tmp"])
 
     def refuse(row):
-        cmd = [sys.executable, "-m", "rdr_fast.train", *arguments(row[1], scene)]
-        return row, subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=scene["tmp"])
+        return row, python_m(arguments(row[1], scene), scene["cwd"])
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         for (kind, args, must_name), done in pool.map(refuse, rows):
-            assert done.returncode == 2, (args, done.stderr)
-            assert_one_error_line(done.stderr, must_name)
+            assert_refused(done, must_name)
     assert tree(scene["tmp"]) == before
+    assert tree(scene["cwd"]) == set()
 
 
 def test_every_numeric_flag_has_a_range():
@@ -203,9 +358,17 @@ def test_every_numeric_flag_has_a_range():
     assert numeric == set(cli_checks.RANGES)
 
 
-def test_good_flags_pass_the_checks(scene):
+def test_good_flags_pass_the_checks(scene, tmp_path, monkeypatch):
+    monkeypatch.chdir(scene["cwd"])
+    weights = str(tmp_path / "small_cnn.pt")
+    torch.save(zeros_like_model("small_cnn", 1), weights)
     cfg = train.configure(["--epochs", "3", "--batch-size", "7", "--tau", "-1", "--noise-ratio", "0",
-                           "--export", os.path.join(scene["tmp"], "model.pt"), "--device", "cpu"])
-    assert (cfg.epochs, cfg.batch_size, cfg.tau, cfg.device) == (3, 7, -1.0, "cpu")
+                           "--export", str(tmp_path / "model.pt"), "--device", "cpu",
+                           "--lr", "10", "--temperature", "10", "--warmup-epochs", "2.9",
+                           "--pretrained", weights,
+                           "--num-workers", str(TOO_MANY_WORKERS - 1)])
+    assert (cfg.epochs, cfg.batch_size, cfg.tau, cfg.device, cfg.lr) == (3, 7, -1.0, "cpu", 10.0)
     assert cfg.out.startswith("runs" + os.sep)   # the default folder, not created yet
     assert not os.path.exists("runs")
+    assert train.configure(["--warmup-epochs", "5", "--epochs", "2", "--reweight", "none"]).warmup_epochs == 5
+    assert train.configure(["--resume", os.path.join(scene["tmp"], "no_checkpoint")]).epochs == 2

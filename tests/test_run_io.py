@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -119,3 +120,26 @@ def test_export_weights_is_readable_without_code(tmp_path, as_module):
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded[name], tensor), name
     Tiny().load_state_dict(run_io.load_weights(path))
+
+
+def test_kill_9_inside_a_write_keeps_the_previous_file(tmp_path):
+    """A process killed (SIGKILL: no cleanup runs) halfway through atomic_write leaves
+    the previous checkpoint whole and only a temporary file beside it, which
+    remove_temporaries (called on --resume) deletes."""
+    run_io.save_checkpoint(str(tmp_path), {"identity": {}, "epoch": 1})
+    pid = os.fork()
+    if pid == 0:       # the child writes plain bytes only: nothing torch-threaded after fork
+        def half_then_killed(handle):
+            handle.write(b"PK\x03\x04 half of the next checkpoint")
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            run_io.atomic_write(str(tmp_path / run_io.CHECKPOINT), half_then_killed)
+        finally:
+            os._exit(0)  # not reached
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == -signal.SIGKILL
+    assert run_io.load_checkpoint(str(tmp_path))["epoch"] == 1
+    left = [name for name in os.listdir(tmp_path) if name != run_io.CHECKPOINT]
+    assert len(left) == 1 and left[0].startswith(run_io.TEMPORARY_PREFIX)
+    assert run_io.remove_temporaries(str(tmp_path)) == left
+    assert os.listdir(tmp_path) == [run_io.CHECKPOINT]

@@ -139,3 +139,21 @@ def test_bad_flag_values_are_rejected():
         train.parse_args(["--reweight", "bogus"])
     assert train.parse_args(["--no-quiet"]).quiet is False
     assert train.parse_args(["--amp"]).amp is True
+
+
+def test_compile_failure_is_one_clear_message(tmp_path, monkeypatch):
+    """torch.compile failing on this machine (here: a backend that raises, as Inductor
+    does without a working compiler) ends the run at its first step with one line."""
+    compile_for_real = torch.compile
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("the C++ compiler crashed")
+    monkeypatch.setattr(torch, "compile", lambda model: compile_for_real(model, backend=broken_backend))
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run(tmp_path, "compiled", "--compile", "--epochs", "1")
+    finally:
+        torch._dynamo.reset()
+    message = str(exc.value)
+    assert message.startswith("error: --compile: torch.compile failed at the first step (") and "\n" not in message
+    assert "the C++ compiler crashed" in message and message.endswith("run without --compile")
