@@ -222,12 +222,12 @@ def figure(path: str, size=(6, 4)):
 def plot_history(folder: str, history: list[dict], title: str) -> None:
     """weights.png (mean RDR weight per split, paper Fig. 7) and accuracy.png."""
     epochs = [row["epoch"] for row in history]
-    for prefix, name, ylabel in (("weight", "weights.png", "mean sample weight"),
-                                 ("acc", "accuracy.png", "test top-1 accuracy (%)")):
+    for prefix, name, ylabel in (("weight_", "weights.png", "mean sample weight"),
+                                 ("acc_index_", "accuracy.png", "test top-1 accuracy (%)")):
         with figure(os.path.join(folder, name)) as (_, ax):
             for split in SPLITS:
-                ax.plot(epochs, [row[f"{prefix}_{split}"] for row in history], marker=".", label=split.title())
-            if prefix == "acc":
+                ax.plot(epochs, [row[f"{prefix}{split}"] for row in history], marker=".", label=split.title())
+            if prefix == "acc_index_":
                 ax.plot(epochs, [row["acc_all"] for row in history], "k--", label="All")
             ax.set(xlabel="epoch", ylabel=ylabel, title=title)
             ax.grid(alpha=0.3)
@@ -292,8 +292,12 @@ def plot_reliability(folder: str, calibration: dict) -> None:
 
 
 def summary_table(metrics: dict) -> str:
-    """A fixed-width table of the final accuracies."""
-    head = f"{'split':<8}{'top-1 %':>9}"
-    rows = [f"{'All':<8}{metrics['acc_all']:>9.2f}"]
-    rows += [f"{s.title():<8}{metrics[f'acc_{s}']:>9.2f}" for s in SPLITS]
-    return "\n".join([head, "-" * len(head), *rows])
+    """A fixed-width table of the final metrics (rdr_fast.metrics names them)."""
+    rows = [("top-1 %", "acc_all"), ("top-5 %", "acc_top5")]
+    rows += [(f"{s.title()} % (class index)", f"acc_index_{s}") for s in SPLITS]
+    rows += [(f"{s.title()} % (train count)", f"acc_count_{s}") for s in SPLITS]
+    rows += [("balanced %", "acc_balanced"), ("worst class %", "acc_worst_class"), ("ECE %", "ece"), ("NLL", "nll")]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {metrics[key]:>7.2f}" if metrics[key] == metrics[key] else f"{label:<{width}}  {'-':>7}"
+             for label, key in rows]
+    return "\n".join([f"{'metric':<{width}}  {'value':>7}", "-" * (width + 9), *lines])

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import RDRLoss, cli_checks, distributed, run_io
 from .cli_checks import UsageError
 from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
+from .metrics import Evaluation, count_splits
 from .models import MODELS, build_model, default_model
 from .sam import VARIANTS, make_optimizer
 from .training import train_step
@@ -218,25 +219,16 @@ def train_epoch(cfg, epoch, model, forward, criterion, optimizer, loader, splits
 
 
 @torch.no_grad()
-def evaluate(cfg, model, loader, splits) -> dict:
-    """Top-1 overall, per Many/Medium/Few split (over the split's test samples) and per class."""
+def evaluate(cfg, model, loader, num_classes: int) -> Evaluation:
+    """The sums behind every test metric (rdr_fast.metrics), over all ranks' slices."""
     model.eval()
-    num_classes = splits["few"][1]
-    correct = torch.zeros(num_classes, device=cfg.device)
-    total = torch.zeros(num_classes, device=cfg.device)
+    evaluation = Evaluation(num_classes, device=cfg.device)
     for x, y in loader:
         x, y = x.to(cfg.device), y.to(cfg.device)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             _, logits = model(x)
-        total.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
-        correct.index_add_(0, y, (logits.argmax(1) == y).float())
-    distributed.all_reduce_(correct)  # each rank saw a disjoint slice of the test set
-    distributed.all_reduce_(total)
-    metrics = {"acc_all": float(100 * correct.sum() / total.sum())}
-    for split, (lo, hi) in splits.items():
-        metrics[f"acc_{split}"] = float(100 * correct[lo:hi].sum() / total[lo:hi].sum().clamp_min(1))
-    metrics["per_class"] = (100 * correct / total.clamp_min(1)).tolist()
-    return metrics
+        evaluation.update(logits, y)
+    return evaluation.all_reduce()  # each rank saw a disjoint slice of the test set
 
 
 def identity(cfg: Config, ds) -> dict:
@@ -264,18 +256,23 @@ def log_epoch(cfg, history) -> None:
     run_io.write_metrics(cfg.out, history)
     if not cfg.quiet:
         print(f"epoch {row['epoch']:>4}  loss {row['train_loss']:.4f}  top-1 {row['acc_all']:6.2f}  "
-              f"many {row['acc_many']:6.2f}  med {row['acc_medium']:6.2f}  few {row['acc_few']:6.2f}")
+              f"many {row['acc_index_many']:6.2f}  med {row['acc_index_medium']:6.2f}  "
+              f"few {row['acc_index_few']:6.2f}  ECE {row['ece']:5.2f}")
 
 
 def finish(cfg, ds, ctx, model, test_loader, history) -> None:
-    """summary.json and the closing table, once the last epoch is done."""
-    final = evaluate(cfg, model, test_loader, ds.splits)
+    """summary.json, confusion.csv/.png, reliability.png and the closing table, once the
+    last epoch is done."""
+    evaluation = evaluate(cfg, model, test_loader, ds.num_classes)
     if not ctx.is_main:
         return
+    final = evaluation.compute(ds.class_counts, ds.splits)
     summary = {**history[-1], "per_class": final["per_class"], "class_counts": ds.class_counts,
-               "splits": ds.splits, "label_map": {str(k): v for k, v in ds.label_map.items()},
-               "method": method_name(cfg)}
+               "splits": ds.splits, "count_splits": count_splits(ds.class_counts),
+               "label_map": {str(k): v for k, v in ds.label_map.items()}, "method": method_name(cfg)}
     run_io.write_json(os.path.join(cfg.out, "summary.json"), summary)
+    run_io.write_confusion(cfg.out, evaluation.confusion, ds.splits)
+    run_io.plot_reliability(cfg.out, evaluation.calibration())
     print(f"\n{cfg.dataset} {method_name(cfg)} after {cfg.epochs} epochs ({cfg.out}):\n"
           + run_io.summary_table(history[-1]))
 
@@ -391,7 +388,7 @@ def run(cfg: Config) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics = evaluate(cfg, model, test_loader, ds.splits)
+            metrics = evaluate(cfg, model, test_loader, ds.num_classes).compute(ds.class_counts, ds.splits)
             metrics.pop("per_class")
             row = {"epoch": epoch + 1, "train_loss": loss, "lr": lr, **metrics,
                    **{f"weight_{s}": w for s, w in weights.items()}, "epoch_seconds": time.perf_counter() - tic}

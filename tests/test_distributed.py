@@ -116,7 +116,8 @@ def run_cli(tmp_path, name, nproc, *extra):
 def assert_same_metrics(rows_a, rows_b):
     assert len(rows_a) == len(rows_b)
     for a, b in zip(rows_a, rows_b):
-        for key in ("train_loss", "acc_all", "acc_many", "acc_medium", "acc_few"):
+        for key in ("train_loss", "acc_all", "acc_top5", "acc_index_many", "acc_index_few", "acc_count_medium",
+                    "acc_balanced", "acc_worst_class", "ece", "nll"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-4), key
 
 

@@ -159,3 +159,29 @@ def test_confusion_csv_holds_the_counts_and_the_pictures_are_drawn(tmp_path, num
     assert torch.equal(read, ev.confusion)
     for name in ("confusion.png", "reliability.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def _shard_worker(rank, init_file, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    logits, labels = random_predictions(n=501)
+    lo, hi = (0, 260) if rank == 0 else (260, 501)  # uneven halves
+    ev = Evaluation(C)
+    for start in range(lo, hi, 37):
+        ev.update(logits[start:min(start + 37, hi)], labels[start:min(start + 37, hi)])
+    torch.save(ev.all_reduce().compute(long_tail_counts(500, C, 100), class_splits("x", C)),
+               os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_metrics_over_two_processes_are_identical_to_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_shard_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    logits, labels = random_predictions(n=501)
+    _, whole = evaluate(logits, labels)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"{rank}.pt") == whole  # exactly: integer sums

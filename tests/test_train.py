@@ -29,7 +29,8 @@ def test_end_to_end_writes_every_output(tmp_path, capsys):
     with open(os.path.join(out, "metrics.csv")) as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert {"acc_all", "acc_many", "acc_medium", "acc_few", "weight_many", "weight_few", "lr"} <= set(rows[0])
+    assert {"acc_all", "acc_top5", "acc_index_many", "acc_index_medium", "acc_index_few", "acc_count_few", "acc_balanced",
+            "acc_worst_class", "ece", "nll", "weight_many", "weight_few", "lr"} <= set(rows[0])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert len(summary["per_class"]) == 10 and summary["method"] == "rdr+la"
     assert summary["class_counts"] == sorted(summary["class_counts"], reverse=True)
