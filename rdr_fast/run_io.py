@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("config.json", CHECKPOINT, "metrics.csv", "summary.json", "weights.png", "accuracy.png")
+RUN_FILES = ("config.json", CHECKPOINT, "metrics.csv", "summary.json", "weights.png", "accuracy.png", "confusion.csv",
+             "confusion.png", "reliability.png", "sharpness.json", "spectrum.png", "landscape.png")
 SPLITS = ("many", "medium", "few")
 
 

@@ -24,7 +24,8 @@ def run(tmp_path, name, *extra):
 def test_end_to_end_writes_every_output(tmp_path, capsys):
     result, out = run(tmp_path, "e2e", "--reweight", "rdr", "--loss", "la")
     assert result["finished"]
-    for name in ("config.json", "checkpoint.pt", "metrics.csv", "summary.json", "weights.png", "accuracy.png"):
+    for name in ("config.json", "checkpoint.pt", "metrics.csv", "summary.json", "weights.png", "accuracy.png",
+                 "confusion.csv", "confusion.png", "reliability.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "metrics.csv")) as handle:
         rows = list(csv.DictReader(handle))
@@ -35,7 +36,7 @@ def test_end_to_end_writes_every_output(tmp_path, capsys):
     assert len(summary["per_class"]) == 10 and summary["method"] == "rdr+la"
     assert summary["class_counts"] == sorted(summary["class_counts"], reverse=True)
     printed = capsys.readouterr().out
-    assert "Many" in printed and "Few" in printed and "All" in printed
+    assert "Many % (class index)" in printed and "Few % (train count)" in printed and "ECE %" in printed
 
 
 def test_interrupted_and_resumed_run_equals_straight_run(tmp_path):
