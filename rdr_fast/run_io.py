@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("config.json", CHECKPOINT, "metrics.csv", "summary.json", "weights.png", "accuracy.png", "confusion.csv",
+BEST = "best.pt"  # the model of the epoch with the best top-1 so far (summary.json says on which split)
+RUN_FILES = ("config.json", CHECKPOINT, BEST, "metrics.csv", "summary.json", "weights.png", "accuracy.png", "confusion.csv",
              "confusion.png", "reliability.png", "sharpness.json", "spectrum.png", "landscape.png")
 SPLITS = ("many", "medium", "few")
 
@@ -109,18 +110,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder: str, state: dict) -> None:
-    """Replace folder/checkpoint.pt atomically. `state` must hold only tensors and plain
-    values (dict, list, tuple, str, int, float, bool, None), which load_checkpoint reads."""
-    atomic_write(os.path.join(folder, CHECKPOINT), lambda f: torch.save(state, f))
+def save_checkpoint(folder: str, state: dict, name: str = CHECKPOINT) -> None:
+    """Replace folder/name (checkpoint.pt, or best.pt) atomically. `state` must hold only
+    tensors and plain values (dict, list, tuple, str, int, float, bool, None), which
+    load_checkpoint reads."""
+    atomic_write(os.path.join(folder, name), lambda f: torch.save(state, f))
 
 
-def load_checkpoint(folder: str, identity: dict | None = None) -> dict:
-    """Load folder/checkpoint.pt with torch.load(weights_only=True), so that a file holding
+def load_checkpoint(folder: str, identity: dict | None = None, name: str = CHECKPOINT) -> dict:
+    """Load folder/name with torch.load(weights_only=True), so that a file holding
     pickled Python objects is refused instead of run; with `identity`, check the file
     belongs to the experiment it describes (dataset, model, class counts, ...).
     CheckpointError otherwise."""
-    path = os.path.join(folder, CHECKPOINT)
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint to resume from: {path} does not exist")
     try:

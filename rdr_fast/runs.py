@@ -16,7 +16,7 @@ from .data import LTDataset, load_dataset
 from .models import build_model
 from .train import Config
 
-CHECKPOINTS = {"last": run_io.CHECKPOINT}  # --which: the file each choice reads
+CHECKPOINTS = {"best": run_io.BEST, "last": run_io.CHECKPOINT}  # --which: the file each choice reads
 
 
 @dataclass
@@ -59,7 +59,7 @@ def open_run(folder: str, which: str = "last", device: str = "cpu") -> OpenRun:
     path = os.path.join(folder, CHECKPOINTS[which])
     if not os.path.isfile(path):
         raise UsageError(f"{folder} has no {which} checkpoint: {path} does not exist")
-    state = run_io.load_checkpoint(folder)
+    state = run_io.load_checkpoint(folder, name=CHECKPOINTS[which])
     ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, noise_ratio=cfg.noise_ratio,
                       seed=cfg.seed)
     model = build_model(cfg.model, ds.num_classes, ds.in_channels).to(device)

@@ -231,6 +231,16 @@ def evaluate(cfg, model, loader, num_classes: int) -> Evaluation:
     return evaluation.all_reduce()  # each rank saw a disjoint slice of the test set
 
 
+# Model selection: the epoch with the best top-1, on the test set (the field's protocol
+# for CIFAR-LT; no dataset here loads a separate validation split).
+SELECTED_ON = "test"
+
+
+def best_row(history: list[dict]) -> dict:
+    """The evaluated epoch with the highest top-1 (the first of equals)."""
+    return max(history, key=lambda row: row["acc_all"])
+
+
 def identity(cfg: Config, ds) -> dict:
     return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "class_counts": [int(n) for n in ds.class_counts]}
 
@@ -267,13 +277,16 @@ def finish(cfg, ds, ctx, model, test_loader, history) -> None:
     if not ctx.is_main:
         return
     final = evaluation.compute(ds.class_counts, ds.splits)
-    summary = {**history[-1], "per_class": final["per_class"], "class_counts": ds.class_counts,
+    summary = {"final": {**history[-1], "per_class": final["per_class"]},
+               "best": {**best_row(history), "selected_on": SELECTED_ON}, "class_counts": ds.class_counts,
                "splits": ds.splits, "count_splits": count_splits(ds.class_counts),
                "label_map": {str(k): v for k, v in ds.label_map.items()}, "method": method_name(cfg)}
     run_io.write_json(os.path.join(cfg.out, "summary.json"), summary)
     run_io.write_confusion(cfg.out, evaluation.confusion, ds.splits)
     run_io.plot_reliability(cfg.out, evaluation.calibration())
-    print(f"\n{cfg.dataset} {method_name(cfg)} after {cfg.epochs} epochs ({cfg.out}):\n"
+    best = best_row(history)
+    print(f"\n{cfg.dataset} {method_name(cfg)} after {cfg.epochs} epochs ({cfg.out}); best top-1 "
+          f"{best['acc_all']:.2f} at epoch {best['epoch']} (best.pt, selected on the {SELECTED_ON} set):\n"
           + run_io.summary_table(history[-1]))
 
 
@@ -395,6 +408,10 @@ def run(cfg: Config) -> dict:
             history.append(row)
             if ctx.is_main:
                 log_epoch(cfg, history)
+                if best_row(history) is row:  # before the checkpoint: a resume rewrites it alike
+                    run_io.save_checkpoint(cfg.out, {"identity": identity(cfg, ds), "epoch": epoch + 1,
+                                                     "model": model.state_dict(), "criterion": criterion.state_dict(),
+                                                     "metrics": row}, name=run_io.BEST)
         rng = distributed.gather_objects(run_io.rng_state())  # collective: every rank takes part
         if ctx.is_main:
             run_io.save_checkpoint(cfg.out, {

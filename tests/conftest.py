@@ -73,3 +73,14 @@ class HostReads(TorchDispatchMode):
         if name.startswith(self.SYNCING) or bool_index:
             self.reads.append(name)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A finished 2-epoch digits_lt run (python -m rdr_fast.train's defaults otherwise),
+    shared by the tests of the commands that read a run folder."""
+    from rdr_fast import train
+
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    train.main(["--epochs", "2", "--out", str(folder), "--quiet"])
+    return folder

@@ -9,16 +9,14 @@ import sys
 
 import pytest
 
-from rdr_fast import analyze, train
+from rdr_fast import analyze
 
 FAST = ["--iters", "10", "--trace-samples", "2", "--density-steps", "6", "--density-runs", "1", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("analyze") / "run"
-    train.main(["--epochs", "2", "--out", str(folder), "--quiet"])
-    return folder
+@pytest.fixture
+def run_dir(finished_run):
+    return finished_run
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def run(tmp_path, name, *extra):
 def test_end_to_end_writes_every_output(tmp_path, capsys):
     result, out = run(tmp_path, "e2e", "--reweight", "rdr", "--loss", "la")
     assert result["finished"]
-    for name in ("config.json", "checkpoint.pt", "metrics.csv", "summary.json", "weights.png", "accuracy.png",
+    for name in ("config.json", "checkpoint.pt", "best.pt", "metrics.csv", "summary.json", "weights.png", "accuracy.png",
                  "confusion.csv", "confusion.png", "reliability.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "metrics.csv")) as handle:
@@ -33,7 +33,9 @@ def test_end_to_end_writes_every_output(tmp_path, capsys):
     assert {"acc_all", "acc_top5", "acc_index_many", "acc_index_medium", "acc_index_few", "acc_count_few", "acc_balanced",
             "acc_worst_class", "ece", "nll", "weight_many", "weight_few", "lr"} <= set(rows[0])
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert len(summary["per_class"]) == 10 and summary["method"] == "rdr+la"
+    assert len(summary["final"]["per_class"]) == 10 and summary["method"] == "rdr+la"
+    assert summary["final"]["epoch"] == 2 and summary["best"]["selected_on"] == "test"
+    assert summary["best"]["acc_all"] == max(float(r["acc_all"]) for r in rows)
     assert summary["class_counts"] == sorted(summary["class_counts"], reverse=True)
     printed = capsys.readouterr().out
     assert "Many % (class index)" in printed and "Few % (train count)" in printed and "ECE %" in printed
