@@ -133,7 +133,7 @@ def assert_fused_equals_naive(rdr: bool, device: str, steps: int = 2) -> None:
 @pytest.mark.parametrize("device,mode", RUNS, ids=RUN_IDS)
 def test_sam_step(benchmark, device, mode, rdr, method):
     if mode == "graph" and method not in CAPTURABLE:
-        pytest.skip(f"{method} does not run the same device work every step: no CUDA graph")
+        pytest.skip(f"one CUDA graph cannot replay {method}'s steps (see CAPTURABLE)")
     tag = "rdr" if rdr else "ce"
     benchmark.group = f"sam/resnet32/{device}/{mode}/B{BATCH}-C{NUM_CLASSES}/{tag}/per-{K}-steps"
     benchmark.extra_info.update(method=method, device=device, mode=mode, loss=tag, steps_per_round=K)
