@@ -16,7 +16,8 @@ pass, FAIL, or missing (a row it needs is absent):
   the same device, at the first shape of bench_weights.py;
 - step: RDR step ≤ 1.03× CE step (bench_step.py's paired ratio);
 - SAM: fused SAM ≤ 2.05× an SGD step, the cheaper of sam_k / looksam ≤ 1.3× (paired
-  ratios of bench_sam.py), and the SAM step with RDR ≤ 1.03× the one without.
+  ratios of bench_sam.py), and the SAM step with RDR ≤ 1.03× the one without (from two
+  separately timed rows, so on a busy machine it moves with the load).
 """
 from __future__ import annotations
 
