@@ -11,7 +11,7 @@ Each loader gets one warm-up epoch (worker start-up, pipeline build), then timed
 
 Run:  python bench/bench_loaders.py [--workers 2] [--rounds 5] [--n 10000] [--device cuda]
       (interleaves the loaders round by round, prints a markdown table), or
-      pytest bench/bench_loaders.py --benchmark-only
+      pytest bench/bench_loaders.py --benchmark-only (a cpu and a cuda row per loader)
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from rdr_fast.data import LTDataset, TensorImageDataset, class_splits, make_loaders
+from conftest import CPU_AND_CUDA, SMOKE, rounds
 
 CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 WORKERS = min(2, os.cpu_count() or 1)
@@ -101,18 +102,19 @@ def available(kind: str) -> bool:
 
 @pytest.fixture(scope="module")
 def dataset():
-    return cifar_like()
+    return cifar_like(512 if SMOKE else 10_000)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_loader_epoch(benchmark, dataset, kind):
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_loader_epoch(benchmark, dataset, device, kind):
     if not available(kind):
         pytest.skip("nvidia.dali is not installed")
-    loader = build(kind, dataset, WORKERS)
+    loader = build(kind, dataset, WORKERS, device=None if device == "cpu" else device)
     epoch(loader)                                              # warm-up
-    benchmark.group = f"loader/cpu/cifar-10k/workers={WORKERS}"
-    benchmark.extra_info.update(loader=kind, workers=WORKERS)
-    n = benchmark.pedantic(epoch, args=(loader,), rounds=3, iterations=1)
+    benchmark.group = f"loader/{device}/cifar-{len(dataset.train)}/workers={WORKERS}"
+    benchmark.extra_info.update(loader=kind, device=device, workers=WORKERS)
+    n = benchmark.pedantic(epoch, args=(loader,), rounds=rounds(3, 3, device), iterations=1)
     assert n == len(dataset.train)
     benchmark.extra_info["images_per_s"] = n / benchmark.stats.stats.min
 

@@ -1,7 +1,8 @@
 """Weighted loss forward + backward: the unfused PyTorch expression
-(F.cross_entropy(reduction="none") * w).mean() vs the fused op on the PyTorch path and in C++.
+(F.cross_entropy(reduction="none") * w).mean() vs the fused op on the PyTorch path, in C++
+(CPU) and in Triton (CUDA), per shape and device.
 
-Run: pytest bench/ --benchmark-only --benchmark-group-by=group
+Run: pytest bench/bench_loss.py --benchmark-only --benchmark-group-by=group
 """
 from __future__ import annotations
 
@@ -10,25 +11,27 @@ import torch
 import torch.nn.functional as F
 
 import rdr_fast
+from rdr_fast import kernels
 from rdr_fast import torch_impl
+from conftest import CPU_AND_CUDA, SMOKE, timed
 
-SHAPES = [(256, 1000), (128, 100)]
+SHAPES = [(8, 10), (4, 300)] if SMOKE else [(256, 1000), (128, 100)]
 HAS_CPP = rdr_fast.backends()["weighted_loss"]["cpu"] == "cpp"
 
 
-class TorchPathLoss(torch.autograd.Function):
-    """The PyTorch path's fused loss+gradient with the op's backward (rescale the saved grad)."""
+class SavedGradLoss(torch.autograd.Function):
+    """A fused loss+gradient kernel with the op's backward (rescale the saved gradient)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, weights):
-        loss, grad = torch_impl.weighted_loss_torch(logits, labels, weights, None, 0.0, True)
+    def forward(ctx, fused, logits, labels, weights):
+        loss, grad = fused(logits, labels, weights, None, 0.0, True)
         ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None
+        return None, grad * grad_loss, None, None
 
 
 def unfused(logits, labels, weights):
@@ -36,27 +39,40 @@ def unfused(logits, labels, weights):
 
 
 def fused_torch(logits, labels, weights):
-    return TorchPathLoss.apply(logits, labels, weights)
+    return SavedGradLoss.apply(torch_impl.weighted_loss_torch, logits, labels, weights)
 
 
 def fused_cpp(logits, labels, weights):
-    if not HAS_CPP:
-        pytest.skip("rdr_fast._C is not built")
     return torch.ops.rdr_fast.weighted_loss(logits, labels, weights, None, 0.0, True)[0]
 
 
-IMPLS = {"unfused": unfused, "torch": fused_torch, "cpp": fused_cpp}
+def fused_triton(logits, labels, weights):
+    return SavedGradLoss.apply(kernels.weighted_loss_triton, logits, labels, weights)
+
+
+IMPLS = {"unfused": unfused, "torch": fused_torch, "cpp": fused_cpp, "triton": fused_triton}
+
+
+def skip_unless_available(impl: str, device: str) -> None:
+    if impl == "cpp" and (device != "cpu" or not HAS_CPP):
+        pytest.skip("the C++ kernel is a CPU kernel" if HAS_CPP else "rdr_fast._C is not built")
+    if impl == "triton" and not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if impl == "triton" and device == "cpu" and not SMOKE:
+        pytest.skip("on CPU tensors the Triton launcher runs Triton's interpreter (BENCH_SMOKE=1 runs it)")
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}".format(*s))
-def test_loss_forward_backward(benchmark, shape, impl):
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_loss_forward_backward(benchmark, device, shape, impl):
+    skip_unless_available(impl, device)
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(*shape, generator=g).mul_(3).requires_grad_(True)
-    labels = torch.randint(0, shape[1], (shape[0],), generator=g)
-    weights = torch.rand(shape[0], generator=g) + 0.5
-    benchmark.group = "loss/fwd+bwd/cpu/float32/B{}-C{}".format(*shape)
-    benchmark.extra_info["backend"] = impl
+    logits = torch.randn(*shape, generator=g).mul_(3).to(device).requires_grad_(True)
+    labels = torch.randint(0, shape[1], (shape[0],), generator=g).to(device)
+    weights = (torch.rand(shape[0], generator=g) + 0.5).to(device)
+    benchmark.group = "loss/fwd+bwd/{}/float32/B{}-C{}".format(device, *shape)
+    benchmark.extra_info.update(backend=impl, device=device)
 
     def step():
         logits.grad = None  # no accumulation pass: every provider writes a fresh gradient
@@ -70,4 +86,4 @@ def test_loss_forward_backward(benchmark, shape, impl):
     unfused(logits, labels, weights).backward()
     torch.testing.assert_close(loss, unfused(logits, labels, weights).detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
-    benchmark(step)
+    benchmark(timed(step, device))
