@@ -167,6 +167,25 @@ def test_rdr_fast_impl_triton_makes_the_failure_an_error(name, failure):
     assert backends == {"cpu": "cpp", "cuda": "triton"}
 
 
+def test_a_failure_on_one_device_sends_every_device_to_the_fallback():
+    """A kernel that passed on one device and fails on another (here: the meta device)
+    is not used on the first one either: the op has one backend per device type."""
+    def fast(x):
+        if x.device.type == "meta":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return x * 2
+    fallback = Fake("weighted_loss")
+    fallback.kernel = lambda x: x * 2
+    kernel = ops.CheckedKernel("op", fast, fallback, lambda k, device: {"out": k(torch.ones(3, device=device))},
+                               strict=False, backends={}, device_type="cuda")
+    kernel(torch.ones(2))
+    assert kernel.passed == {CPU} and fallback.calls == 1
+    with pytest.warns(ops.KernelFallbackWarning, match="on meta: RuntimeError: no kernel image"):
+        kernel(torch.ones(2, device="meta"))
+    kernel(torch.ones(2))
+    assert kernel.passed == set() and fallback.calls == 3
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_first_call_inside_a_cuda_graph_capture_is_refused(monkeypatch, strict):
     """The probe reads results back, which a capture forbids: the first call refuses,
