@@ -17,7 +17,9 @@ __version__ = "0.1.0"
 
 def backends() -> dict[str, dict[str, str]]:
     """Which implementation each op uses per device, e.g.
-    ``{"weighted_loss": {"cpu": "cpp", "cuda": "torch"}, ...}``."""
+    ``{"weighted_loss": {"cpu": "cpp", "cuda": "triton"}, ...}``. ``"triton"`` is checked
+    against the PyTorch path at the op's first CUDA call; if that check failed, the op
+    reads ``{"cuda": "torch", "cuda_fallback": "<why>"}`` (docs/gpu.md)."""
     return {name: dict(devices) for name, devices in ops.BACKENDS.items()}
 
 

@@ -14,10 +14,13 @@ registers it in C++ (for every device) when built, else ``_backward`` below does
 Which implementation runs is decided per device at import and recorded in ``BACKENDS``:
 the C++ kernels of ``rdr_fast._C`` on CPU when that extension is built, otherwise the
 vectorised PyTorch path of ``rdr_fast.torch_impl``; on CUDA the Triton kernels of
-``rdr_fast.kernels`` when Triton is installed. ``RDR_FAST_IMPL=torch`` forces the
-PyTorch path and ``RDR_FAST_IMPL=reference`` the per-class reference loop of
-``rdr_fast.reference`` (CPU only), for A/B runs. Each backend is one function per op
-with the op's signature; this module only registers them.
+``rdr_fast.kernels`` when Triton is installed, each checked against the PyTorch path at
+its first call on a device and replaced by it, with one KernelFallbackWarning, if it
+fails (``CheckedKernel``). ``RDR_FAST_IMPL=triton`` makes such a failure an error;
+``RDR_FAST_IMPL=torch`` forces the PyTorch path and ``RDR_FAST_IMPL=reference`` the
+per-class reference loop of ``rdr_fast.reference`` (CPU only), for A/B runs; any other
+value is an error at import. Each backend is one function per op with the op's
+signature; this module only registers them.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ LIB.define("weighted_loss_grad(Tensor logits, Tensor labels, Tensor weights, Ten
            "float focal_gamma) -> Tensor")
 LIB.impl("weighted_loss_grad", torch_impl.weighted_loss_grad_differentiable, "CompositeImplicitAutograd")
 
-IMPLS = ("auto", "torch", "reference")
+IMPLS = ("auto", "triton", "torch", "reference")
 BACKENDS: dict[str, dict[str, str]] = {"rdr_weights_and_update": {}, "weighted_loss": {}}
 
 
@@ -111,18 +114,141 @@ def _warn_missing_cpp_kernels() -> None:
 _WARNED_NO_TRITON = []
 
 
+class KernelFallbackWarning(RuntimeWarning):
+    """A fast kernel failed its first-use check; its op runs the PyTorch path from then on."""
+
+
+# The probe compares float32 results of two float32 computations (both solve in float64).
+PROBE_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+
+def _probe_weights_and_update(kernel, device) -> dict[str, torch.Tensor]:
+    """``kernel`` (an implementation of rdr_weights_and_update) on RDRLoss's default path,
+    density ratios with the prototype update, on a small fixed batch on ``device``: 16
+    float32 samples, 8 features, 4 classes. Class 0 has more samples than features (the
+    K×K form), class 1 fewer (the b×b form), class 2 is not yet seen, class 3 is absent.
+    The prototypes lie near the class means, so that the ratios spread over 0.1..3 (and
+    one reaches the floor) instead of most of them sitting at the floor."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 2, 0, 1, 0, 0, 1, 0, 2, 0, 0, 1, 0, 0], device="cpu")
+    features = torch.randn(16, 8, generator=generator, device="cpu")
+    counts = torch.bincount(labels, minlength=4).clamp(min=1)
+    means = torch.zeros(4, 8, device="cpu").index_add_(0, labels, features) / counts[:, None]
+    prototypes = (means + 0.1 * torch.randn(4, 8, generator=generator, device="cpu")).to(device)
+    seen = torch.tensor([True, True, False, True], device="cpu").to(device)
+    factors = torch.tensor([1.6, 4.0, 8.0, 16.0], dtype=torch.float64, device="cpu")
+    weights = kernel(features.to(device), labels.to(device), prototypes, seen, factors.to(device), 1e-5, 1.0, 0.9,
+                     "density_ratio", True)
+    return {"weights": weights, "prototypes": prototypes, "seen": seen}
+
+
+def _probe_weighted_loss(kernel, device) -> dict[str, torch.Tensor]:
+    """``kernel`` (an implementation of weighted_loss) on RDRLoss's default path, the
+    cross-entropy with its gradient, on 6 float32 rows of 5 classes on ``device``."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    logits = 3 * torch.randn(6, 5, generator=generator, device="cpu")
+    labels = torch.tensor([0, 4, 1, 0, 2, 3], device="cpu")
+    weights = torch.rand(6, generator=generator, device="cpu") + 0.5
+    loss, grad = kernel(logits.to(device), labels.to(device), weights.to(device), None, 0.0, True)
+    return {"loss": loss, "gradient": grad}
+
+
+PROBES = {"rdr_weights_and_update": _probe_weights_and_update, "weighted_loss": _probe_weighted_loss}
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+class CheckedKernel:
+    """One op's fast kernel for a device type, checked against its PyTorch path at the
+    first call on each device.
+
+    That first call runs ``probe(fast, device)`` and ``probe(fallback, device)`` (the
+    entries of PROBES: small fixed inputs, results by name) and compares them within
+    PROBE_TOLERANCE. If the fast kernel raises there (a compile or launch failure) or
+    differs, the op runs ``fallback`` from then on, on every device, after one
+    KernelFallbackWarning, and ``backends`` (the op's entry of BACKENDS) records
+    ``{device_type: "torch", device_type + "_fallback": reason}``; with ``strict``
+    (RDR_FAST_IMPL=triton) every call raises a RuntimeError with the reason instead.
+    Once a device has passed, a call is one set lookup and the fast kernel: the probe's
+    host reads happen only at that first call, which therefore must not be inside a
+    CUDA graph capture (it raises there; the usual warm-up before capture runs it).
+    """
+
+    def __init__(self, name: str, fast, fallback, probe, *, strict: bool, backends: dict, device_type: str):
+        self.name, self.fast, self.fallback, self.probe = name, fast, fallback, probe
+        self.strict, self.backends, self.device_type = strict, backends, device_type
+        self.passed: set[torch.device] = set()
+        self.failure: str | None = None
+
+    def __call__(self, *args):
+        device = args[0].device
+        if device in self.passed:
+            return self.fast(*args)
+        if self.failure is None:
+            self._check(device)
+        if self.failure is None:
+            return self.fast(*args)
+        if self.strict:
+            raise RuntimeError(f"rdr_fast: {self.name}: the Triton kernel failed its check against the PyTorch "
+                               f"path ({self.failure}); RDR_FAST_IMPL=triton allows no fallback")
+        return self.fallback(*args)
+
+    def _check(self, device: torch.device) -> None:
+        if _capturing(device):
+            raise RuntimeError(
+                f"rdr_fast: {self.name}: the first call on {device} checks the Triton kernel against the PyTorch "
+                f"path, which reads results back to the host and cannot run inside a CUDA graph capture; run one "
+                f"step before capturing (the usual warm-up)")
+        try:
+            got = self.probe(self.fast, device)
+        except Exception as err:  # noqa: BLE001 — a compile or launch failure, whatever its type
+            self._fail(device, f"{type(err).__name__}: {err}")
+            return
+        expected = self.probe(self.fallback, device)
+        for result, value in expected.items():
+            try:
+                torch.testing.assert_close(got[result], value, **PROBE_TOLERANCE)
+            except AssertionError as err:
+                self._fail(device, f"{result} not close to the PyTorch path's: " + " ".join(str(err).split()))
+                return
+        self.passed.add(device)
+
+    def _fail(self, device: torch.device, reason: str) -> None:
+        self.failure = f"on {device}: {reason}"
+        self.passed.clear()
+        if self.strict:
+            return
+        self.backends.update({self.device_type: "torch", f"{self.device_type}_fallback": self.failure})
+        warnings.warn(f"rdr_fast: {self.name}: the Triton kernel failed its check against the PyTorch path "
+                      f"({self.failure}); {self.name} runs the PyTorch path for the rest of this process",
+                      KernelFallbackWarning, stacklevel=3)
+
+
+def _triton_launcher(name: str):
+    """The launcher ``rdr_fast.kernels.<name>_triton``, imported (and with it Triton) at
+    its first call, so importing rdr_fast never imports Triton."""
+    def triton_kernel(*args):
+        from . import kernels
+        return getattr(kernels, f"{name}_triton")(*args)
+    return triton_kernel
+
+
 def _cuda_kernel(name: str, impl: str, torch_kernel):
-    """(backend, kernel) for CUDA: the Triton launcher ``rdr_fast.kernels.<name>_triton``
-    when Triton is installed and RDR_FAST_IMPL is auto, else the PyTorch path (warned once,
-    at the first CUDA call, when it is only for want of Triton). Triton is imported at the
-    first CUDA call, so importing rdr_fast never imports it."""
+    """(backend, kernel) for CUDA: with RDR_FAST_IMPL auto, the Triton launcher behind a
+    CheckedKernel when Triton is installed, else the PyTorch path (warned once, at the
+    first CUDA call); with RDR_FAST_IMPL=triton always the checked launcher, strict (a
+    missing Triton fails the check too); with torch or reference, the PyTorch path."""
     import importlib.util
 
-    if impl == "auto" and importlib.util.find_spec("triton") is not None:
-        def triton_kernel(*args):
-            from . import kernels
-            return getattr(kernels, f"{name}_triton")(*args)
-        return "triton", triton_kernel
+    if impl == "triton" or (impl == "auto" and importlib.util.find_spec("triton") is not None):
+        return "triton", CheckedKernel(name, _triton_launcher(name), torch_kernel, PROBES[name],
+                                       strict=impl == "triton", backends=BACKENDS[name], device_type="cuda")
     if impl != "auto":
         return "torch", torch_kernel
 
@@ -142,13 +268,14 @@ def _register_backends(impl: str) -> None:
     already registered for CPU when present; when they are still to be compiled, a CPU
     kernel that compiles them at its first call stands in. RDR_FAST_IMPL=torch|reference
     keeps them from loading at all, so the Python kernels registered here are the only
-    CPU kernels then.
+    CPU kernels then. RDR_FAST_IMPL=triton is auto on the CPU.
     """
-    pending = impl == "auto" and extension_info()["origin"] == "pending"
-    if impl == "auto" and not pending and not all(_has_compiled_cpu_kernel(name) for name in BACKENDS):
+    fastest = impl in ("auto", "triton")
+    pending = fastest and extension_info()["origin"] == "pending"
+    if fastest and not pending and not all(_has_compiled_cpu_kernel(name) for name in BACKENDS):
         _warn_missing_cpp_kernels()
     for name in BACKENDS:
-        if impl == "auto" and _has_compiled_cpu_kernel(name):
+        if fastest and _has_compiled_cpu_kernel(name):
             BACKENDS[name]["cpu"] = "cpp"
         else:
             cpu_impl = "reference" if impl == "reference" else "torch"
@@ -206,10 +333,11 @@ def _python_kernel(impl: str, name: str):
 
 
 def _selected_impl() -> str:
+    """RDR_FAST_IMPL, lower-cased ("auto" when unset or empty); a ValueError naming the
+    accepted values for anything else (a typo must not silently run another backend)."""
     impl = os.environ.get("RDR_FAST_IMPL", "auto").strip().lower() or "auto"
     if impl not in IMPLS:
-        warnings.warn(f"RDR_FAST_IMPL={impl!r} is not one of {IMPLS}; using 'auto'", stacklevel=2)
-        impl = "auto"
+        raise ValueError(f"RDR_FAST_IMPL must be one of {IMPLS}, got {impl!r}")
     return impl
 
 
