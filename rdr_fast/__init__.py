@@ -3,7 +3,21 @@ Learning by Density Ratio Estimation", NeurIPS 2024) for long-tailed classificat
 fused kernels. See README.md and docs/."""
 from __future__ import annotations
 
-from . import _extension
+import os as _os
+import sys as _sys
+
+# The command-line tools share the machine politely: OpenMP threads waiting for work sleep
+# instead of spinning, which on a machine that runs other jobs costs the training loop
+# little and the neighbours a lot (docs/install.md, "On a shared machine"). Only for
+# `python -m rdr_fast.<tool>` (torchrun's workers too), and only before torch loads
+# OpenMP, which reads the variable once; importing rdr_fast as a library changes nothing,
+# and a value the user set wins.
+CLI_MODULES = ("rdr_fast.train", "rdr_fast.evaluate", "rdr_fast.analyze", "rdr_fast.info")
+_argv = getattr(_sys, "orig_argv", [])
+if "-m" in _argv[:-1] and _argv[_argv.index("-m") + 1] in CLI_MODULES:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import _extension  # noqa: E402
 
 # Before ops: the C++ kernels must be registered when ops.py picks each device's kernel.
 _extension.load()

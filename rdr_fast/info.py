@@ -2,6 +2,8 @@
 each device, and where the C++ CPU kernels came from (see docs/install.md)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 import rdr_fast
@@ -22,6 +24,7 @@ def describe() -> str:
     lines.append(f"C++ kernels: {origin}" + (f", {info['path']}" if info["path"] else ""))
     if info["reason"]:
         lines.append(f"  because: {info['reason']}")
+    lines.append(f"CPU threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     return "\n".join(lines)
 
 
