@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,6 +35,9 @@ namespace {
 
 constexpr const char* kOp = "weighted_loss";
 constexpr int64_t kParallelElems = 1 << 15;  // logits per thread (~20 µs) below which one thread is faster
+constexpr const char* kDoubleBackwardError =  // DOUBLE_BACKWARD_ERROR of rdr_fast/ops.py
+    "rdr_fast::weighted_loss: double backward (differentiating the gradient of weighted_loss, e.g. after "
+    "backward(create_graph=True)) is not supported";
 
 // exp(x) for float in branch-free arithmetic the compiler can vectorise (std::exp is a
 // scalar libm call): x = n ln2 + r with |r| ≤ ln2/2, e^r by Cephes' expf polynomial
@@ -187,7 +191,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::
     RDR_CHECK_FLOATING(kOp, adjust);
     RDR_CHECK_LENGTH(kOp, adjust, 0, logits.size(1), "logits (the classes)");
   }
-  TORCH_CHECK(focal_gamma >= 0.0, kOp, ": focal_gamma must be >= 0, got ", focal_gamma);
+  TORCH_CHECK(std::isfinite(focal_gamma) && focal_gamma >= 0.0, kOp, ": focal_gamma must be >= 0 and finite, got ",
+              focal_gamma);
 }
 
 std::tuple<at::Tensor, at::Tensor> weighted_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,
@@ -255,6 +260,12 @@ class WeightedLossFunction : public torch::autograd::Function<WeightedLossFuncti
     if (grad_loss.defined()) {
       const at::Tensor grad = ctx->get_saved_variables()[0];
       grads[0] = is_plain_one(grad_loss) ? grad : grad * grad_loss.to(grad.scalar_type());
+      // create_graph=True: the gradient is data, not differentiable. Attach a node that
+      // raises if anything differentiates it (the message of ops.DOUBLE_BACKWARD_ERROR).
+      if (at::GradMode::is_enabled()) {
+        auto error = std::make_shared<torch::autograd::DelayedError>(kDoubleBackwardError, 1);
+        grads[0] = error->apply({grads[0].detach().requires_grad_(true)})[0];
+      }
     }
     return grads;
   }

@@ -70,11 +70,22 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+# The saved gradient is not itself differentiable. Under create_graph=True the backward
+# wraps it in a node that raises this message if it is ever differentiated, instead of
+# returning a constant (autograd would then fail later, or silently drop the term). The
+# C++ autograd (csrc/weighted_loss.cpp) raises the same message.
+DOUBLE_BACKWARD_ERROR = ("rdr_fast::weighted_loss: double backward (differentiating the gradient of "
+                         "weighted_loss, e.g. after backward(create_graph=True)) is not supported")
+
+
 def _backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:  # grads are not materialised: no gradient reached the loss
         return None, None, None, None, None, None
     (grad_logits,) = ctx.saved_tensors
-    return grad_logits * grad_loss.to(grad_logits.dtype), None, None, None, None, None
+    grad = grad_logits * grad_loss.to(grad_logits.dtype)
+    if torch.is_grad_enabled():  # create_graph=True
+        grad = torch._C._functions.DelayedError(DOUBLE_BACKWARD_ERROR, 1)(grad.detach().requires_grad_(True))
+    return grad, None, None, None, None, None
 
 
 # rdr_fast._C brings the same autograd formula in C++ (cheaper per call); else this one.
