@@ -68,20 +68,23 @@ def check_count(name: str, value, low: int) -> int:
     return int(value)
 
 
-def as_labels(labels, batch: int, num_classes: int, data_checks: bool, name: str = "labels") -> torch.Tensor:
-    """``labels`` checked against the batch and the classes, as int64 (a copy unless it was)."""
+def as_labels(labels, batch: int, num_classes: int, data_checks: bool, *, name: str = "labels",
+              batch_of: str = "features", classes_of: str = "the prototypes") -> torch.Tensor:
+    """``labels`` checked against the batch (the rows of ``batch_of``) and the classes (of
+    ``classes_of``), as int64 (a copy unless it was)."""
     check_tensor(name, labels, 1)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
     if labels.shape[0] != batch:
-        raise ValueError(f"{name} has {labels.shape[0]} entries but the batch has {batch} samples")
+        raise ValueError(f"{name} has {labels.shape[0]} entries but {batch_of} has {batch} rows")
     if batch == 0:
-        raise ValueError(f"the batch is empty: {name} and the other inputs have 0 samples")
+        raise ValueError(f"the batch is empty: {batch_of} and {name} have 0 samples")
     labels = labels.to(torch.int64)
     if data_checks:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
-            raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{low}, {high}]")
+            raise ValueError(f"{name} must lie in [0, {num_classes}) (the classes of {classes_of}), "
+                             f"got values in [{low}, {high}]")
     return labels
 
 
@@ -115,11 +118,11 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
-def check_features(features, feat_dim: int, batch: int | None = None) -> None:
+def check_features(features, feat_dim: int, batch: int | None = None, width_name: str = "feat_dim") -> None:
     check_tensor("features", features, 2)
     check_floating("features", features)
     if features.shape[1] != feat_dim:
-        raise ValueError(f"features have width {features.shape[1]} but feat_dim is {feat_dim}")
+        raise ValueError(f"features have width {features.shape[1]} but {width_name} is {feat_dim}")
     if batch is not None and features.shape[0] != batch:
         raise ValueError(f"features have {features.shape[0]} rows but logits have {batch}")
 
@@ -137,7 +140,7 @@ def check_weights(weights, batch: int) -> None:
     check_tensor("weights", weights, 1)
     check_floating("weights", weights)
     if weights.shape[0] != batch:
-        raise ValueError(f"weights has {weights.shape[0]} entries but the batch has {batch} samples")
+        raise ValueError(f"weights has {weights.shape[0]} entries but logits has {batch} rows")
 
 
 def as_class_counts(class_counts) -> torch.Tensor:

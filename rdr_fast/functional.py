@@ -166,10 +166,11 @@ def _checked_state_inputs(features, labels, prototypes, seen, validate) -> torch
     _checks.check_tensor("prototypes", prototypes, 2)
     _checks.check_floating("prototypes", prototypes)
     _checks.check_tensor("seen", seen, 1)
-    if seen.dtype != torch.bool or len(seen) != len(prototypes):
-        raise ValueError(f"seen must be a bool tensor of length {len(prototypes)}, "
-                         f"got {seen.dtype} of length {len(seen)}")
-    _checks.check_features(features, prototypes.shape[1])
+    if seen.dtype != torch.bool:
+        raise TypeError(f"seen must be a bool tensor, got dtype {seen.dtype}")
+    if len(seen) != len(prototypes):
+        raise ValueError(f"seen has {len(seen)} entries but prototypes have {len(prototypes)} rows")
+    _checks.check_features(features, prototypes.shape[1], width_name="the prototypes' width")
     _checks.check_tensor("labels", labels, 1)
     data_checks = _checks.wants_data_checks(validate, features, labels)
     labels = _checks.as_labels(labels, features.shape[0], len(prototypes), data_checks)
@@ -191,7 +192,8 @@ def _checked_loss_inputs(logits, labels, weights, logit_adjust, validate) -> tor
         if len(logit_adjust) != logits.shape[1]:
             raise ValueError(f"logit_adjust has {len(logit_adjust)} entries but logits have {logits.shape[1]} classes")
     data_checks = _checks.wants_data_checks(validate, logits, labels, weights)
-    labels = _checks.as_labels(labels, logits.shape[0], logits.shape[1], data_checks)
+    labels = _checks.as_labels(labels, logits.shape[0], logits.shape[1], data_checks, batch_of="logits",
+                               classes_of="the logits' columns")
     _checks.check_same_device(logits=logits, labels=labels, weights=weights, logit_adjust=logit_adjust)
     if data_checks:
         _checks.check_finite("logits", logits)

@@ -115,7 +115,8 @@ class RDRLoss(nn.Module):
         _checks.check_features(features, self.feat_dim, batch=logits.shape[0])
         _checks.check_tensor("targets", targets, 1)
         data_checks = _checks.wants_data_checks(self.validate, features, logits, targets)
-        targets = _checks.as_labels(targets, logits.shape[0], self.num_classes, data_checks, name="targets")
+        targets = _checks.as_labels(targets, logits.shape[0], self.num_classes, data_checks, name="targets",
+                                    batch_of="logits", classes_of="class_counts")
         _checks.check_same_device(features=features, logits=logits, targets=targets,
                                   prototypes=self.prototypes)
         if data_checks:
