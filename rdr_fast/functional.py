@@ -1,8 +1,8 @@
 """Stateless RDR functions (docs/algorithm.md): validated wrappers over the two custom ops
-(rdr_weights_and_update, weighted_loss), their unchecked forms for callers that have
-checked their inputs (weights_from_factors, loss_from_weights: RDRLoss, SAM), plus
-density_ratios (the PyTorch path, for inspection) and the plain-torch helpers
-class_factors and log_prior.
+(rdr_weights_and_update, weighted_loss; loss_from_weights, the loss from given weights
+and logit adjustment, for RDRLoss and SAM), the unchecked weights_from_factors for
+RDRLoss, which has checked its inputs, plus density_ratios (the PyTorch path, for
+inspection) and the plain-torch helpers class_factors and log_prior.
 
 Shapes: B samples, C classes, K feature width. Labels are integers in [0, C), of any
 integer dtype (converted to int64).

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import importlib.util
 import os
+from collections import Counter
 from decimal import Decimal, getcontext
 from pathlib import Path
 from typing import NamedTuple
@@ -108,6 +109,9 @@ def call(kind: str, args: dict):
 
 
 KINDS = ("RDRLoss", "forward", "rdr_weights_and_update", "weighted_loss", "loss_from_weights")
+CALL_NAMES = {"RDRLoss": "`RDRLoss(...)`", "forward": "`RDRLoss.forward`",
+              "rdr_weights_and_update": "`functional.rdr_weights_and_update`",
+              "weighted_loss": "`functional.weighted_loss`", "loss_from_weights": "`functional.loss_from_weights`"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -143,6 +147,7 @@ def rows_for(kind: str, group: str, error: type, name: str, values) -> list[Row]
 
 NAN, INF = float("nan"), float("inf")
 NOT_REAL = ["1", None, True, torch.tensor(1.0), 1j]
+COUNTS_GROUP = "class_counts not a 1-D sequence of positive finite integers"
 META = "meta"
 
 
@@ -150,8 +155,8 @@ def bad_counts(kind: str) -> list[Row]:
     wrong_type = [None, {0: 5}, "abc", ["a", "b"], 7, [True, 3], [2 + 1j, 3], {4, 5}, np.array(["4", "5"])]
     wrong_value = [[], [[4, 2], [3]], [[4, 2], [3, 1]], torch.tensor([[4, 2]]), [5, 0], [5, -2], [5.5, 2],
                    [NAN, 2], [INF, 2], [2 ** 70, 1], np.array([3, 0])]
-    return (rows_for(kind, "class_counts", TypeError, "class_counts", wrong_type)
-            + rows_for(kind, "class_counts", ValueError, "class_counts", wrong_value))
+    return (rows_for(kind, COUNTS_GROUP, TypeError, "class_counts", wrong_type)
+            + rows_for(kind, COUNTS_GROUP, ValueError, "class_counts", wrong_value))
 
 
 def bad_hyperparameters(kind: str, names) -> list[Row]:
@@ -170,7 +175,7 @@ def bad_tensor(kind: str, name: str, *, wrong_rank, wrong_dtype, wrong_length, n
     return (rows_for(kind, "tensor argument not a tensor", TypeError, name, [base.tolist(), base.numpy()])
             + rows_for(kind, "tensor of the wrong rank", ValueError, name, [wrong_rank])
             + rows_for(kind, "tensor of the wrong dtype", TypeError, name, wrong_dtype)
-            + rows_for(kind, "tensor of the wrong length or width", ValueError, name, wrong_length)
+            + rows_for(kind, "wrong length or width", ValueError, name, wrong_length)
             + rows_for(kind, "tensor on another device", ValueError, name, [base.to(META)])
             + rows_for(kind, "NaN or Inf in a tensor", ValueError, name, non_finite)
             + list(extra))
@@ -246,7 +251,7 @@ def weights_op_rows() -> list[Row]:
     g = good(kind)
     protos, seen = g["prototypes"], g["seen"]
     return (bad_features(kind) + bad_labels(kind, "labels") + bad_counts(kind)
-            + [Row(kind, "tensor of the wrong length or width", ValueError, {"class_counts": COUNTS[:-1]},
+            + [Row(kind, "wrong length or width", ValueError, {"class_counts": COUNTS[:-1]},
                    "class_counts")]
             + bad_tensor(kind, "prototypes", wrong_rank=protos[0], wrong_dtype=[protos.long()],
                          wrong_length=[protos[:, :-1]], non_finite=[nan_at(protos)])
@@ -261,8 +266,8 @@ def loss_rows() -> list[Row]:
     la = {"base": "la", "class_counts": COUNTS}
     return (bad_logits(kind) + bad_labels(kind, "labels") + bad_weights(kind)
             + bad_choice(kind, "base", ["bce", None])
-            + [Row(kind, "class_counts", ValueError, {"base": "la"}, "class_counts"),
-               Row(kind, "tensor of the wrong length or width", ValueError, {**la, "class_counts": COUNTS[:-1]},
+            + [Row(kind, COUNTS_GROUP, ValueError, {"base": "la"}, "class_counts"),
+               Row(kind, "wrong length or width", ValueError, {**la, "class_counts": COUNTS[:-1]},
                    "class_counts")]
             + [Row(kind, r.group, r.error, {**la, **r.change}, r.names) for r in bad_counts(kind)
                if r.change["class_counts"] is not None]  # None is "not given": the row above
@@ -311,13 +316,12 @@ def test_bad_input_is_refused_identically_on_every_backend(row):
 
 def test_docs_quote_the_table():
     """docs/reliability.md ("Python API") gives the table's size by kind of bad input."""
-    groups: dict[str, int] = {}
-    for row in ROWS:
-        groups[row.group] = groups.get(row.group, 0) + 1
     docs = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
     assert f"{len(ROWS)} bad inputs" in docs
-    for group, count in groups.items():
+    for group, count in Counter(row.group for row in ROWS).items():
         assert f"| {group} | {count} |" in docs, (group, count)
+    for kind, count in Counter(row.kind for row in ROWS).items():
+        assert f"| {CALL_NAMES[kind]} | {count} |" in docs, (kind, count)
 
 
 # ---- what the validation layer accepts --------------------------------------------------
