@@ -164,12 +164,13 @@ def as_class_counts(class_counts) -> torch.Tensor:
 
 def _counts_as_float64(class_counts) -> torch.Tensor:
     """A 1-D float64 CPU tensor of the counts; TypeError/ValueError for what cannot be one."""
-    if isinstance(class_counts, torch.Tensor) or type(class_counts).__module__ == "numpy":
-        array = torch.as_tensor(class_counts) if getattr(class_counts.dtype, "kind", "f") in "iuf" else None
+    if isinstance(class_counts, torch.Tensor) or type(class_counts).__module__ == "numpy":  # array or scalar
         if class_counts.ndim != 1:
             raise ValueError(f"{COUNTS_EXPECTED}, got shape {tuple(class_counts.shape)}")
-        if array is not None and not (array.dtype == torch.bool or array.is_complex()):
-            return array.detach().to("cpu", torch.float64)
+        numeric = class_counts.dtype.kind in "iuf" if type(class_counts).__module__ == "numpy" else (
+            class_counts.dtype != torch.bool and not class_counts.is_complex())
+        if numeric:
+            return torch.as_tensor(class_counts).detach().to("cpu", torch.float64)
         class_counts = class_counts.tolist()  # bool, complex, strings...: refused below, by element
     if not isinstance(class_counts, (list, tuple, range)):
         raise TypeError(f"{COUNTS_EXPECTED}, got {type(class_counts).__name__}")
