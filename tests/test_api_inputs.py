@@ -344,7 +344,8 @@ def test_class_counts_of_any_sequence_kind_are_the_same():
     expected = _checks.as_class_counts(COUNTS)
     assert expected.dtype == torch.int64 and expected.tolist() == COUNTS
     for counts in (tuple(COUNTS), np.array(COUNTS), np.array(COUNTS, dtype=np.int32), torch.tensor(COUNTS),
-                   torch.tensor(COUNTS, dtype=torch.float64), [float(c) for c in COUNTS], [np.int64(c) for c in COUNTS]):
+                   torch.tensor(COUNTS, dtype=torch.float64), [float(c) for c in COUNTS],
+                   [np.int64(c) for c in COUNTS]):
         assert torch.equal(_checks.as_class_counts(counts), expected), type(counts)
 
 
