@@ -102,7 +102,7 @@ def check_feature_scale(features: torch.Tensor, prototypes: torch.Tensor) -> Non
     proto_max = torch.finfo(prototypes.dtype).max
     if features.dtype != torch.float64 and torch.finfo(features.dtype).max <= proto_max:
         return  # nothing to read: no value of this dtype can fail
-    peak = float(features.abs().max())
+    peak = float(features.detach().abs().max())
     if features.dtype == torch.float64 and peak > MAX_FEATURE_MAGNITUDE:
         raise ValueError(f"features reach {peak:.3g} in magnitude; above {MAX_FEATURE_MAGNITUDE:g} their "
                          "Gram matrices overflow float64")
