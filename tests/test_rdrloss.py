@@ -157,21 +157,37 @@ print(json.dumps(dict(backends=rdr_fast.backends(), loss_error=max(losses), grad
 """
 
 
-@pytest.mark.parametrize("impl", ["auto", "torch", "reference"])
-def test_every_backend_trains(impl):
+IMPLS = ["auto", "torch", "reference"]
+
+
+@pytest.fixture(scope="module")
+def training_runs():
+    """_TRAIN_SCRIPT under each RDR_FAST_IMPL, the three processes started at once."""
+    import os
+    import subprocess
+    import sys
+
+    runs = {impl: subprocess.Popen([sys.executable, "-c", _TRAIN_SCRIPT], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "RDR_FAST_IMPL": impl})
+            for impl in IMPLS}
+    yield runs
+    for run in runs.values():
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_backend_trains(impl, training_runs):
     """Forward and backward through RDRLoss under each RDR_FAST_IMPL (chosen at import, so
     in a fresh process): three SGD steps of a small network equal the same steps through
     the reference loss, and differentiating the gradient again is refused with the one
     message (the C++ autograd under auto when rdr_fast._C is built, the Python one else)."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    done = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "RDR_FAST_IMPL": impl})
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    stdout, stderr = training_runs[impl].communicate(timeout=300)
+    assert training_runs[impl].returncode == 0, stderr
+    report = json.loads(stdout.strip().splitlines()[-1])
     expected_cpu = {"torch": "torch", "reference": "reference"}.get(
         impl, rdr_fast.backends()["weighted_loss"]["cpu"] if rdr_fast.ops.IMPL == "auto" else None)
     for devices in report["backends"].values():
