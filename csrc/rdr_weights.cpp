@@ -8,7 +8,7 @@
 //      λ_c = ridge · trace(X_c X_cᵀ) / b_c (1 when the trace is 0), then r ← max(r, floor).
 //      Unseen classes get r = 1. The systems are built and solved in double.
 //   2. w_j = (r_j · factor_{y_j})^γ, scaled to batch mean 1, in the compute dtype (double
-//      for double features, else float). The mode says which terms are used:
+//      for double features, else float); computed in log space (write_weights). The mode says which terms are used:
 //      "density_ratio" all of them, "class_factor" r ≡ 1, "uniform" w ≡ 1.
 //   3. If update: for every class present, P_c ← mean(X_c) if !seen[c], else
 //      μ P_c + (1 − μ) mean(X_c); then seen[c] ← true. Ratios use the old P_c.
@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -289,8 +290,11 @@ void for_each_class_run(const ClassGroups& g, int64_t dim, bool solve, bool upda
   });
 }
 
-// The weights from the ratios (overwritten with the unnormalised weights). Inputs are
-// rounded to the compute dtype W first, as the PyTorch path does; the sum runs in double.
+// The weights from the ratios (overwritten with the log-weights). Inputs are rounded to
+// the compute dtype W first, as the PyTorch path does. The power is taken in log space and
+// normalised there: log w = γ·log(r·factor), minus the batch max, exp, scaled to batch
+// mean 1. (r·factor)^γ itself overflows or underflows double at large γ (γ = 50 does), but
+// the shifted exponentials lie in (0, 1] with the largest exactly 1, so the sum is ≥ 1.
 template <typename W>
 void write_weights(double* ratios, const int64_t* labels, int64_t batch, const double* factors, double temperature,
                    WeightMode mode, W* out) {
@@ -298,13 +302,17 @@ void write_weights(double* ratios, const int64_t* labels, int64_t batch, const d
     std::fill(out, out + batch, static_cast<W>(1));
     return;
   }
-  double sum = 0.0;
+  double peak = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < batch; ++j) {
     const double r = mode == WeightMode::kDensityRatio ? static_cast<double>(static_cast<W>(ratios[j])) : 1.0;
-    double w = static_cast<double>(static_cast<W>(factors[labels[j]])) * r;
-    if (temperature != 1.0) w = std::pow(w, temperature);
-    ratios[j] = w;
-    sum += w;
+    const double log_w = temperature * std::log(static_cast<double>(static_cast<W>(factors[labels[j]])) * r);
+    ratios[j] = log_w;
+    peak = std::max(peak, log_w);
+  }
+  double sum = 0.0;
+  for (int64_t j = 0; j < batch; ++j) {
+    ratios[j] = std::exp(ratios[j] - peak);
+    sum += ratios[j];
   }
   const double scale = static_cast<double>(batch) / sum;
   for (int64_t j = 0; j < batch; ++j) out[j] = static_cast<W>(ratios[j] * scale);
@@ -332,8 +340,9 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
   RDR_CHECK_DIM(kOp, class_factors, 1);
   RDR_CHECK_FLOATING(kOp, class_factors);
   RDR_CHECK_LENGTH(kOp, class_factors, 0, prototypes.size(0), "prototypes (the classes)");
-  TORCH_CHECK(ridge > 0.0, kOp, ": ridge must be > 0, got ", ridge);
-  TORCH_CHECK(temperature >= 0.0, kOp, ": temperature must be >= 0, got ", temperature);
+  TORCH_CHECK(std::isfinite(ridge) && ridge > 0.0, kOp, ": ridge must be > 0 and finite, got ", ridge);
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0, kOp, ": temperature must be >= 0 and finite, got ",
+              temperature);
   TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, kOp, ": momentum must lie in [0, 1), got ", momentum);
 }
 

@@ -187,7 +187,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::
     RDR_CHECK_FLOATING(kOp, adjust);
     RDR_CHECK_LENGTH(kOp, adjust, 0, logits.size(1), "logits (the classes)");
   }
-  TORCH_CHECK(focal_gamma >= 0.0, kOp, ": focal_gamma must be >= 0, got ", focal_gamma);
+  TORCH_CHECK(std::isfinite(focal_gamma) && focal_gamma >= 0.0, kOp, ": focal_gamma must be >= 0 and finite, got ",
+              focal_gamma);
 }
 
 std::tuple<at::Tensor, at::Tensor> weighted_loss_cpu(const at::Tensor& logits, const at::Tensor& labels,

@@ -9,10 +9,12 @@ Launch sequence, with no host synchronisation (nothing reads a tensor value on t
    static bound ``min(B, C)`` and programs past the last segment exit at once.
 2. ``_rdr_segment_kernel``, one program per segment (= per class present in the batch):
    the class's ridge system solved by a blocked Cholesky inside the program, the
-   unnormalised weights ``(r·factor)^γ`` written at the samples' original positions, then
+   log-weights ``γ·log(r·factor)`` written at the samples' original positions, then
    the momentum update of the class's prototype row and ``seen`` flag, in place. Classes
    own disjoint prototype rows, so no two programs touch the same state.
-3. ``_normalize_kernel``, one program: weights ← weights · B / Σ weights.
+3. ``_normalize_kernel``, one program: weights ← exp(log w − max) scaled to batch mean 1.
+   The power is taken in log space (on every backend): (r·factor)^γ itself overflows or
+   underflows float64 at a large γ (γ = 50 does); the shifted exponentials do not.
 
 Memory: the float64 sorted features [B, K], a float64 workspace [B, min(B, K)] for the
 Cholesky factors (row i of a segment's factor lives in the workspace row of the segment's
@@ -38,7 +40,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._utils import _ADD
+    from ._utils import _ADD, _MAX
 
     @triton.jit
     def _rdr_segment_kernel(seg_ptr, order_ptr, slabel_ptr, z_ptr, proto_ptr, proto_stride0, proto_stride1,
@@ -46,7 +48,7 @@ if HAS_TRITON:
                             ridge: tl.float64, temperature: tl.float64, momentum: tl.float64,
                             SOLVE: tl.constexpr, WEIGHTS: tl.constexpr, UPDATE: tl.constexpr,
                             POW: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr):
-        """Ratios, unnormalised weights and the prototype update of one class (one segment).
+        """Ratios, log-weights and the prototype update of one class (one segment).
 
         Pointers (B samples, C classes, K features, G = min(B, C) programs):
             seg_ptr: [G+1] int64, start of each segment in sorted order; B past the last one.
@@ -58,7 +60,7 @@ if HAS_TRITON:
             seen_ptr: [C] uint8 (a view of the bool flags, stride seen_stride); set to 1
                 when UPDATE.
             factor_ptr: [C] float64 class factors (N/n_c, CB's, or 1).
-            w_ptr: [B] float64 out, unnormalised weights (r·factor)^γ in original order.
+            w_ptr: [B] float64 out, log-weights γ·log(r·factor) in original order.
             ws_ptr: [B, LD] float64 workspace for the Cholesky factor, LD = min(B, K).
             y_ptr, a_ptr: [B] float64 workspaces for L⁻¹v and the solution (two buffers, so
                 that no step overwrites what it reads).
@@ -68,7 +70,7 @@ if HAS_TRITON:
             SOLVE: compute density ratios (mode "density_ratio"); else r ≡ 1.
             WEIGHTS: write weights at all (False for mode "uniform": update only).
             UPDATE: momentum-update the prototype and set seen.
-            POW: γ ≠ 1 (apply the temperature).
+            POW: γ ≠ 1 (multiply the log-weights by the temperature).
             BS: block size of the Cholesky (rows/columns of a register tile), ≥ 16.
             BK: chunk of the inner (summed) dimension, ≥ 16.
 
@@ -227,7 +229,7 @@ if HAS_TRITON:
                         idx = tl.load(order_ptr + start + rows, mask=rows < b, other=0)
                         tl.store(w_ptr + idx, tl.full((BS,), 1.0, tl.float64), mask=rows < b)
                 tl.debug_barrier()
-                # 6. w = (max(r, floor) · factor)^γ, in place (each thread rereads its own stores).
+                # 6. log w = γ·log(max(r, floor) · factor), in place (each thread rereads its own stores).
                 factor = tl.load(factor_ptr + c)
                 for i0 in range(0, b, BS):
                     rows = i0 + ri
@@ -235,9 +237,9 @@ if HAS_TRITON:
                     # RATIO_FLOOR of rdr_fast/constants.py, repeated (a kernel cannot read a Python
                     # global); a bare 1e-9 would be a float32 constant in Triton
                     floor = tl.full((BS,), 1e-9, tl.float64)
-                    w = tl.maximum(tl.load(w_ptr + idx, mask=rows < b, other=1.0), floor) * factor
+                    w = tl.log(tl.maximum(tl.load(w_ptr + idx, mask=rows < b, other=1.0), floor) * factor)
                     if POW:
-                        w = tl.exp(temperature * tl.log(w))
+                        w = temperature * w
                     tl.store(w_ptr + idx, w, mask=rows < b)
             if UPDATE:
                 # 7. P_c ← μ P_c + (1 − μ) mean(X_c) if seen, else mean(X_c); seen ← 1.
@@ -258,19 +260,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _normalize_kernel(w_ptr, out_ptr, B, BLOCK: tl.constexpr):
-        """out = w · B / Σ w (batch mean 1), one program.
+        """out = exp(l − max l) · B / Σ exp(l − max l) (batch mean 1), one program.
 
-        w_ptr: [B] float64 unnormalised weights; out_ptr: [B] weights in the compute dtype.
+        w_ptr: [B] float64 log-weights l; out_ptr: [B] weights in the compute dtype.
         BLOCK: chunk of the batch per step.
         """
         offs = tl.arange(0, BLOCK)
+        peak = tl.full((BLOCK,), float("-inf"), tl.float64)
+        for i0 in range(0, B, BLOCK):
+            peak = tl.maximum(peak, tl.load(w_ptr + i0 + offs, mask=i0 + offs < B, other=float("-inf")))
+        top = tl.reduce(peak, 0, _MAX)
         total = tl.full((BLOCK,), 0.0, tl.float64)
         for i0 in range(0, B, BLOCK):
-            total += tl.load(w_ptr + i0 + offs, mask=i0 + offs < B, other=0.0)
+            log_w = tl.load(w_ptr + i0 + offs, mask=i0 + offs < B, other=float("-inf"))
+            total += tl.exp(log_w - top)
         scale = B / tl.reduce(total, 0, _ADD)
         for i0 in range(0, B, BLOCK):
-            w = tl.load(w_ptr + i0 + offs, mask=i0 + offs < B, other=0.0)
-            tl.store(out_ptr + i0 + offs, (w * scale).to(out_ptr.dtype.element_ty), mask=i0 + offs < B)
+            log_w = tl.load(w_ptr + i0 + offs, mask=i0 + offs < B, other=float("-inf"))
+            tl.store(out_ptr + i0 + offs, (tl.exp(log_w - top) * scale).to(out_ptr.dtype.element_ty),
+                     mask=i0 + offs < B)
 
 
 def _segments(labels: torch.Tensor, programs: int):
@@ -322,7 +330,7 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     programs = min(batch, prototypes.shape[0])
     order, sorted_labels, starts = _segments(labels, programs)
     z = features.detach().index_select(0, order).to(torch.float64).contiguous()
-    unnormalised = torch.empty(batch, dtype=torch.float64, device=device)
+    log_weights = torch.empty(batch, dtype=torch.float64, device=device)
     ld = min(batch, dim)
     solve = mode == "density_ratio"
     workspace = torch.empty((batch, ld) if solve else (1, 1), dtype=torch.float64, device=device)
@@ -333,7 +341,7 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     with on_device(device):
         launchable(_rdr_segment_kernel, device)[(programs,)](
             starts, order, sorted_labels, z, prototypes, prototypes.stride(0), prototypes.stride(1), seen_u8,
-            seen_u8.stride(0), factors, unnormalised, workspace, vec[0], vec[1], dim, ld, float(ridge),
+            seen_u8.stride(0), factors, log_weights, workspace, vec[0], vec[1], dim, ld, float(ridge),
             float(temperature), float(momentum),
             SOLVE=solve, WEIGHTS=not uniform, UPDATE=bool(update), POW=float(temperature) != 1.0, BS=bs, BK=bk,
             num_warps=warps)
@@ -342,6 +350,6 @@ def rdr_weights_and_update_triton(features, labels, prototypes, seen, class_fact
     weights = torch.empty(batch, dtype=out_dtype, device=device)
     block = min(1024, next_power_of_2(batch))
     with on_device(device):
-        launchable(_normalize_kernel, device)[(1,)](unnormalised, weights, batch, BLOCK=block,
+        launchable(_normalize_kernel, device)[(1,)](log_weights, weights, batch, BLOCK=block,
                                                    num_warps=4 if device.type != "cpu" else 1)
     return weights

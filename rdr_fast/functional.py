@@ -1,16 +1,19 @@
 """Stateless RDR functions (docs/algorithm.md): validated wrappers over the two custom ops
-(rdr_weights_and_update, weighted_loss), their unchecked forms for callers that have
-checked their inputs (weights_from_factors, loss_from_weights: RDRLoss, SAM), plus
-density_ratios (the PyTorch path, for inspection) and the plain-torch helpers
-class_factors and log_prior.
+(rdr_weights_and_update, weighted_loss; loss_from_weights, the loss from given weights
+and logit adjustment, for RDRLoss and SAM), the unchecked weights_from_factors for
+RDRLoss, which has checked its inputs, plus density_ratios (the PyTorch path, for
+inspection) and the plain-torch helpers class_factors and log_prior.
 
-Shapes: B samples, C classes, K feature width. Labels are int64 in [0, C).
+Shapes: B samples, C classes, K feature width. Labels are integers in [0, C), of any
+integer dtype (converted to int64).
 Features and logits may be float64, float32, bfloat16 or float16; everything but
 float64 is computed in float32. Weights never carry gradient.
 
-Data checks (label range, NaN/Inf) run when ``validate`` is True, or when it is None
-and the inputs are on the CPU; on a GPU the default skips them to avoid a host sync.
-Shape, dtype and device checks always run.
+Every argument is checked in rdr_fast._checks (docs/reliability.md, "Python API"). Data
+checks (label range, NaN/Inf, feature magnitude) run when ``validate`` is True, or when it
+is None and the inputs are on the CPU; on a GPU the default skips them to avoid a host
+sync. Type, shape, dtype, device and hyperparameter checks always run. An input that
+shares memory with the prototypes or seen flags updated in place is copied first.
 """
 from __future__ import annotations
 
@@ -47,11 +50,11 @@ def density_ratios(features, labels, prototypes, seen, ridge: float = DEFAULT_RI
     state change.
 
     Arguments:
-        features: [B, K] floating. labels: [B] int64. prototypes: [C, K]. seen: [C] bool.
+        features: [B, K] floating. labels: [B] integer. prototypes: [C, K]. seen: [C] bool.
     Returns:
         [B] in the compute dtype (float64 for float64 features, else float32).
     """
-    _check_state_inputs(features, labels, prototypes, seen, validate)
+    labels = _checked_state_inputs(features, labels, prototypes, seen, validate)
     _checks.check_range("ridge", ridge, 0.0, float("inf"), low_open=True)
     return torch_impl.density_ratios_torch(features, labels, prototypes, seen, ridge)
 
@@ -72,11 +75,15 @@ def rdr_weights_and_update(features, labels, prototypes, seen, class_counts, *, 
     copied to the features' device, which a CUDA graph cannot capture: for graphs use
     ``RDRLoss``, which keeps them (and the logit adjustment) as buffers.
     """
-    _check_state_inputs(features, labels, prototypes, seen, validate)
-    check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum)
+    _checks.check_flag("warmup", warmup)
+    _checks.check_flag("update", update)
+    labels = _checked_state_inputs(features, labels, prototypes, seen, validate)
+    check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum, beta=beta)
     factors = class_factors(class_counts, reweight, beta)
     if len(factors) != len(prototypes):
         raise ValueError(f"class_counts has {len(factors)} classes but prototypes have {len(prototypes)} rows")
+    if update:
+        features, labels = _checks.unaliased((prototypes, seen), features=features, labels=labels)
     return weights_from_factors(features, labels, prototypes, seen, factors.to(features.device),
                                 mode=weight_mode(reweight, warmup), ridge=ridge, temperature=temperature,
                                 momentum=momentum, update=update)
@@ -87,7 +94,8 @@ def weights_from_factors(features, labels, prototypes, seen, class_factors, *, m
                          update: bool = True) -> torch.Tensor:
     """The weights from given class factors [C] (on the features' device), then (if
     ``update``) the prototype update, through the op and without input checks: the caller
-    (``rdr_weights_and_update``, RDRLoss) has checked them. ``mode`` is one of
+    (``rdr_weights_and_update``, RDRLoss) has checked them, labels converted to int64 and
+    inputs that alias the state copied included. ``mode`` is one of
     rdr_fast.constants.WEIGHT_MODES; ``constants.weight_mode`` maps a reweighting to it."""
     return torch.ops.rdr_fast.rdr_weights_and_update(
         features.detach(), labels, prototypes, seen, class_factors, float(ridge), float(temperature),
@@ -99,23 +107,16 @@ def weighted_loss(logits, labels, weights, *, base: str = "ce", class_counts=Non
     """L = (1/B) Σ_j w_j ℓ_j (docs/algorithm.md, "Base losses"), forward and gradient fused.
 
     Arguments:
-        logits: [B, C] floating. labels: [B] int64. weights: [B] (no gradient flows into it).
-        base: "ce", "focal" (−(1−p_t)^γ log p_t) or "la" (CE on logits + τ·log π; needs
-        ``class_counts``).
+        logits: [B, C] floating. labels: [B] integer. weights: [B] floating (no gradient
+        flows into it). base: "ce", "focal" (−(1−p_t)^γ log p_t) or "la" (CE on logits +
+        τ·log π; needs ``class_counts``).
     Returns:
-        A scalar in the compute dtype; differentiable with respect to ``logits``.
+        A scalar in the compute dtype; differentiable with respect to ``logits`` (once:
+        differentiating the gradient again raises).
     """
     _checks.check_choice("base", base, BASE_LOSSES)
-    _checks.check_logits(logits, logits.shape[1] if logits.dim() == 2 else 0)
-    _checks.check_tensor("weights", weights, 1)
-    _checks.check_floating("weights", weights)
-    data_checks = _checks.wants_data_checks(validate, logits, labels)
-    _checks.check_labels(labels, logits.shape[0], logits.shape[1], data_checks)
-    if weights.shape[0] != logits.shape[0]:
-        raise ValueError(f"weights has {weights.shape[0]} entries but the batch has {logits.shape[0]} samples")
-    _checks.check_same_device(logits=logits, labels=labels, weights=weights)
-    if data_checks:
-        _checks.check_finite("logits", logits)
+    check_hyperparameters(tau=tau, focal_gamma=focal_gamma)
+    labels = _checked_loss_inputs(logits, labels, weights, None, validate)
     adjust = None
     if base == "la":
         if class_counts is None:
@@ -125,41 +126,78 @@ def weighted_loss(logits, labels, weights, *, base: str = "ce", class_counts=Non
             raise ValueError(f"class_counts has {len(adjust)} classes but logits have {logits.shape[1]}")
         adjust = adjust.to(logits.device)
     gamma = float(focal_gamma) if base == "focal" else 0.0
-    return loss_from_weights(logits, labels, weights, logit_adjust=adjust, focal_gamma=gamma)
+    return _loss_op(logits, labels, weights, adjust, gamma)
 
 
-def loss_from_weights(logits, labels, weights, *, logit_adjust=None, focal_gamma: float = 0.0) -> torch.Tensor:
-    """L = (1/B) Σ_j w_j ℓ_j with the given weights, through the fused op and without
-    input checks: the caller (RDRLoss, SAM's second pass, ``weighted_loss``) has checked
-    them. ``logit_adjust`` [C] is added to the logits (LA); ``focal_gamma`` 0 is CE.
-    The gradient is only computed when autograd will need it."""
+def loss_from_weights(logits, labels, weights, *, logit_adjust=None, focal_gamma: float = 0.0,
+                      validate=None) -> torch.Tensor:
+    """L = (1/B) Σ_j w_j ℓ_j with the given weights, through the fused op: the loss of
+    ``weighted_loss`` with the logit adjustment given as a tensor. ``logit_adjust`` [C]
+    (or None) is added to the logits (LA); ``focal_gamma`` 0 is CE. RDRLoss's
+    ``loss_from_weights`` (SAM's second pass) calls it."""
+    _checks.check_range("focal_gamma", focal_gamma, 0.0, float("inf"))
+    labels = _checked_loss_inputs(logits, labels, weights, logit_adjust, validate)
+    return _loss_op(logits, labels, weights, logit_adjust, float(focal_gamma))
+
+
+def _loss_op(logits, labels, weights, logit_adjust, focal_gamma: float) -> torch.Tensor:
+    """The loss through the op, without checks (RDRLoss.forward and the two functions above
+    have made them). The gradient is only computed when autograd will need it."""
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = torch.ops.rdr_fast.weighted_loss(logits, labels, weights.detach(), logit_adjust,
-                                               float(focal_gamma), compute_grad)
+    loss, _ = torch.ops.rdr_fast.weighted_loss(logits, labels, weights.detach(), logit_adjust, focal_gamma,
+                                               compute_grad)
     return loss
 
 
 def check_hyperparameters(*, temperature=1.0, ridge=DEFAULT_RIDGE, momentum=0.9, beta=0.9999, focal_gamma=1.0,
                           tau=1.0) -> None:
-    """ValueError for any out-of-range RDR hyperparameter."""
+    """TypeError for a hyperparameter that is not a real number, ValueError for one that
+    is out of range or not finite."""
     _checks.check_range("temperature", temperature, 0.0, float("inf"))
     _checks.check_range("ridge", ridge, 0.0, float("inf"), low_open=True)
     _checks.check_range("momentum", momentum, 0.0, 1.0, high_open=True)
     _checks.check_range("beta", beta, 0.0, 1.0, high_open=True)
     _checks.check_range("focal_gamma", focal_gamma, 0.0, float("inf"))
-    _checks.check_range("tau", tau, -float("inf"), float("inf"), low_open=True, high_open=True)
+    _checks.check_range("tau", tau, -float("inf"), float("inf"))
 
 
-def _check_state_inputs(features, labels, prototypes, seen, validate) -> None:
+def _checked_state_inputs(features, labels, prototypes, seen, validate) -> torch.Tensor:
+    """Checks the inputs of the weights op; returns the labels as int64."""
     _checks.check_tensor("prototypes", prototypes, 2)
     _checks.check_floating("prototypes", prototypes)
     _checks.check_tensor("seen", seen, 1)
-    if seen.dtype != torch.bool or len(seen) != len(prototypes):
-        raise ValueError(f"seen must be a bool tensor of length {len(prototypes)}, "
-                         f"got {seen.dtype} of length {len(seen)}")
-    _checks.check_features(features, prototypes.shape[1])
+    if seen.dtype != torch.bool:
+        raise TypeError(f"seen must be a bool tensor, got dtype {seen.dtype}")
+    if len(seen) != len(prototypes):
+        raise ValueError(f"seen has {len(seen)} entries but prototypes have {len(prototypes)} rows")
+    _checks.check_features(features, prototypes.shape[1], width_name="the prototypes' width")
+    _checks.check_tensor("labels", labels, 1)
     data_checks = _checks.wants_data_checks(validate, features, labels)
-    _checks.check_labels(labels, features.shape[0], len(prototypes), data_checks)
+    labels = _checks.as_labels(labels, features.shape[0], len(prototypes), data_checks)
     _checks.check_same_device(features=features, labels=labels, prototypes=prototypes, seen=seen)
     if data_checks:
-        _checks.check_finite("features", features)
+        _checks.check_feature_scale(features, prototypes)
+        _checks.check_finite("prototypes", prototypes)
+    return labels
+
+
+def _checked_loss_inputs(logits, labels, weights, logit_adjust, validate) -> torch.Tensor:
+    """Checks the inputs of the loss op; returns the labels as int64."""
+    _checks.check_logits(logits)
+    _checks.check_weights(weights, logits.shape[0])
+    _checks.check_tensor("labels", labels, 1)
+    if logit_adjust is not None:
+        _checks.check_tensor("logit_adjust", logit_adjust, 1)
+        _checks.check_floating("logit_adjust", logit_adjust)
+        if len(logit_adjust) != logits.shape[1]:
+            raise ValueError(f"logit_adjust has {len(logit_adjust)} entries but logits have {logits.shape[1]} classes")
+    data_checks = _checks.wants_data_checks(validate, logits, labels, weights)
+    labels = _checks.as_labels(labels, logits.shape[0], logits.shape[1], data_checks, batch_of="logits",
+                               classes_of="the logits' columns")
+    _checks.check_same_device(logits=logits, labels=labels, weights=weights, logit_adjust=logit_adjust)
+    if data_checks:
+        _checks.check_finite("logits", logits)
+        _checks.check_finite("weights", weights)
+        if logit_adjust is not None:
+            _checks.check_finite("logit_adjust", logit_adjust)
+    return labels

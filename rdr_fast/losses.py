@@ -26,9 +26,9 @@ class RDRLoss(nn.Module):
         warmup_steps: training steps with w ≡ 1 (the prototypes still update).
         tau: LA's τ. focal_gamma: focal's γ_f. beta: CB's β. ridge: the relative ridge
             of the least-squares systems.
-        validate: data checks (label range, NaN/Inf): None = on CPU inputs only, True =
-            always (forces a host sync on GPU), False = never. Shape, dtype and device
-            checks always run.
+        validate: data checks (label range, NaN/Inf, feature magnitude): None = on CPU
+            inputs only, True = always (forces a host sync on GPU), False = never. Type,
+            shape, dtype and device checks always run (docs/reliability.md, "Python API").
         sync_prototypes: under torch.distributed (world size > 1), all-reduce the
             per-class feature sums and counts ([C, K+1], one call per step) so every rank
             applies the update of the global batch. The weights stay per rank: each rank's
@@ -47,16 +47,16 @@ class RDRLoss(nn.Module):
         counts = _checks.as_class_counts(class_counts)
         _checks.check_choice("base", base, BASE_LOSSES)
         _checks.check_choice("reweight", reweight, REWEIGHT_MODES)
-        if not isinstance(feat_dim, int) or feat_dim <= 0:
-            raise ValueError(f"feat_dim must be a positive int, got {feat_dim!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
+        feat_dim = _checks.check_count("feat_dim", feat_dim, 1)
+        warmup_steps = _checks.check_count("warmup_steps", warmup_steps, 0)
+        _checks.check_validate(validate)
+        _checks.check_flag("sync_prototypes", sync_prototypes)
         functional.check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum,
                                          beta=beta, focal_gamma=focal_gamma, tau=tau)
         self.base, self.reweight, self.validate = base, reweight, validate
         self.sync_prototypes = sync_prototypes
         self.momentum, self.temperature, self.ridge = float(momentum), float(temperature), float(ridge)
-        self.warmup_steps, self.tau, self.focal_gamma, self.beta = warmup_steps, tau, focal_gamma, beta
+        self.warmup_steps, self.tau, self.focal_gamma, self.beta = warmup_steps, float(tau), float(focal_gamma), beta
         num_classes = len(counts)
         self.register_buffer("prototypes", torch.zeros(num_classes, feat_dim))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
@@ -77,8 +77,8 @@ class RDRLoss(nn.Module):
         return self.prototypes.shape[1]
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """features [B, K], logits [B, C], targets [B] int64 → scalar loss."""
-        self._check_inputs(features, logits, targets)
+        """features [B, K] floating, logits [B, C] floating, targets [B] integer → scalar loss."""
+        features, logits, targets = self._checked_inputs(features, logits, targets)
         global_update = self.training and self.sync_prototypes and distributed.multi_rank()
         # The mode leaves warm-up out: it is applied below from the step buffer, without a host sync.
         weights = functional.weights_from_factors(
@@ -93,26 +93,39 @@ class RDRLoss(nn.Module):
         if self.training:
             self.step.add_(1)
         self.last_weights = weights.detach()
-        return self.loss_from_weights(logits, targets, weights)
+        return self._loss(logits, targets, weights, validate=False)  # the inputs are checked above
 
     def loss_from_weights(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This criterion's base loss (ce / focal / la) weighted by the given ``weights``:
         no density ratios, no state change. SAM's second pass uses it to reuse the first
         pass's weights at the perturbed point."""
+        _checks.check_logits(logits, self.num_classes)
+        return self._loss(logits, targets, weights, validate=self.validate)
+
+    def _loss(self, logits, targets, weights, validate) -> torch.Tensor:
         gamma = self.focal_gamma if self.base == "focal" else 0.0
         return functional.loss_from_weights(logits, targets, weights, logit_adjust=self.logit_adjust,
-                                            focal_gamma=gamma)
+                                            focal_gamma=gamma, validate=validate)
 
-    def _check_inputs(self, features, logits, targets) -> None:
+    def _checked_inputs(self, features, logits, targets):
+        """(features, logits, targets) checked, targets as int64, and in training (which
+        updates the prototypes and seen flags in place) any input that shares their memory
+        copied."""
         _checks.check_logits(logits, self.num_classes)
         _checks.check_features(features, self.feat_dim, batch=logits.shape[0])
+        _checks.check_tensor("targets", targets, 1)
         data_checks = _checks.wants_data_checks(self.validate, features, logits, targets)
-        _checks.check_labels(targets, logits.shape[0], self.num_classes, data_checks)
+        targets = _checks.as_labels(targets, logits.shape[0], self.num_classes, data_checks, name="targets",
+                                    batch_of="logits", classes_of="class_counts")
         _checks.check_same_device(features=features, logits=logits, targets=targets,
                                   prototypes=self.prototypes)
         if data_checks:
-            _checks.check_finite("features", features)
+            _checks.check_feature_scale(features, self.prototypes)
             _checks.check_finite("logits", logits)
+        if self.training:
+            features, logits, targets = _checks.unaliased((self.prototypes, self.seen), features=features,
+                                                          logits=logits, targets=targets)
+        return features, logits, targets
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "class_counts")

@@ -20,6 +20,7 @@ Choices the paper leaves open, fixed here (and mirrored by every fast path):
 """
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -84,15 +85,20 @@ def sample_weights_ref(ratios, labels, class_counts, reweight: str = "rdr", temp
 
 def weights_from_factors_ref(ratios, labels, class_factors, mode: str, temperature: float = 1.0) -> torch.Tensor:
     """w_j = (r_j · factor_{y_j})^γ, normalised to batch mean 1, for one of the op's weight
-    modes: r ≡ 1 for "class_factor", w ≡ 1 for "uniform". [B]"""
+    modes: r ≡ 1 for "class_factor", w ≡ 1 for "uniform". [B] in the ratios' dtype.
+
+    Computed in log space, in float64: log w_j = γ·log(r_j · factor), minus the largest,
+    then exp and the scaling. The same weights, but (r · factor)^γ itself would overflow or
+    underflow at a large γ (γ = 50 does)."""
     batch = len(labels)
     if mode == "uniform":
         return torch.ones(batch, dtype=ratios.dtype)
-    weights = torch.empty(batch, dtype=ratios.dtype)
+    log_w = torch.empty(batch, dtype=torch.float64)
     for j in range(batch):
-        r = ratios[j] if mode == "density_ratio" else 1.0
-        weights[j] = (r * class_factors[labels[j]].item()) ** temperature
-    return weights * batch / weights.sum()
+        r = ratios[j].item() if mode == "density_ratio" else 1.0
+        log_w[j] = temperature * math.log(r * float(class_factors[labels[j]]))
+    weights = torch.exp(log_w - log_w.max())
+    return (weights * batch / weights.sum()).to(ratios.dtype)
 
 
 def update_prototypes_ref(prototypes, seen, features, labels, momentum: float = 0.9):

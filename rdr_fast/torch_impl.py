@@ -136,15 +136,20 @@ def _density_ratios(features, classes: BatchClasses, ridge: float) -> torch.Tens
 
 def sample_weights_torch(ratios, labels, class_factors, temperature: float, mode: str) -> torch.Tensor:
     """w = (r · factor_y)^γ normalised to batch mean 1; r ≡ 1 for mode "class_factor", and
-    ones for "uniform" (docs/algorithm.md, "Weights")."""
+    ones for "uniform" (docs/algorithm.md, "Weights").
+
+    In log space and float64, as every backend does: log w = γ·log(r·factor), minus the
+    batch max, exp, scaled to mean 1. The power itself overflows or underflows at large γ
+    (γ = 50 does, even in float64); the shifted exponentials lie in (0, 1] with the largest
+    exactly 1. The inputs are rounded to the compute dtype first, as the kernels do."""
     if mode == "uniform":
         return torch.ones_like(ratios)
-    weights = class_factors.to(ratios.dtype)[labels]
+    log_w = class_factors.to(ratios.dtype)[labels].to(torch.float64).log()
     if mode == "density_ratio":
-        weights = weights * ratios
-    if temperature != 1.0:
-        weights = weights.pow(temperature)
-    return weights / weights.mean()  # w · B / Σ w
+        log_w = log_w + ratios.to(torch.float64).log()
+    log_w = log_w * temperature
+    weights = torch.exp(log_w - log_w.max())
+    return (weights / weights.mean()).to(ratios.dtype)  # w · B / Σ w
 
 
 def update_prototypes_torch_(protos, seen, z, labels, classes: BatchClasses, momentum: float) -> None:
