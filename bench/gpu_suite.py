@@ -37,7 +37,7 @@ BLOCK_CONFIGS = [(16, 32, 4), (16, 64, 4), (32, 32, 4), (16, 32, 2)]  # (BS, BK,
 # tests of the same files (separate from the CUDA ones, so that failures there, say the
 # interpreter under another NumPy, cannot use up --maxfail before the CUDA tests ran).
 BENCH_S, CPU_TESTS_S = 240, 70
-TEST_FILES = ["tests/test_triton.py", "tests/test_functional.py", "tests/test_ops.py", "tests/test_rdrloss.py"]
+TEST_FILES = ["tests/test_backends.py", "tests/test_triton.py", "tests/test_ops.py", "tests/test_rdrloss.py"]
 DRY_WEIGHT_SHAPES, DRY_LOSS_SHAPES = [(16, 5, 8), (24, 100, 16)], [(8, 10), (4, 300)]
 
 

@@ -32,6 +32,9 @@ def test_end_to_end_writes_every_output(tmp_path, capsys):
     assert {"acc_all", "acc_many", "acc_medium", "acc_few", "weight_many", "weight_few", "lr"} <= set(rows[0])
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert len(summary["per_class"]) == 10 and summary["method"] == "rdr+la"
+    # It learned: 10 balanced test classes put chance at 10 %; these two epochs reach about
+    # 38 %, and about 9 % with a learning rate of 1e-9.
+    assert summary["acc_all"] > 25.0 and float(rows[-1]["acc_all"]) == pytest.approx(summary["acc_all"])
     assert summary["class_counts"] == sorted(summary["class_counts"], reverse=True)
     printed = capsys.readouterr().out
     assert "Many" in printed and "Few" in printed and "All" in printed
