@@ -139,7 +139,7 @@ def test_an_unknown_mode_is_refused_with_one_message(backend):
 
 
 # ---- weighted_loss --------------------------------------------------------------------------
-def loss_case_args(base, dtype, num_classes, batch, masked=False):
+def loss_case_args(base, dtype, num_classes, batch, masked=False, focal_gamma=1.5):
     """Logits of scale 3 and weights in [0.1, 1.1), in ``dtype``; ``masked``: one row with
     every other class at −inf (probability 0, gradient 0)."""
     logits = 3 * torch.randn(batch, num_classes, dtype=torch.float64)
@@ -148,7 +148,8 @@ def loss_case_args(base, dtype, num_classes, batch, masked=False):
         logits[3, 1::2] = -float("inf")
         labels[3] = 0
     weights = torch.rand(batch, dtype=torch.float64) + 0.1
-    return loss_args(logits.to(dtype), labels, weights.to(dtype), base, long_tail_counts(num_classes), tau=0.8)
+    return loss_args(logits.to(dtype), labels, weights.to(dtype), base, long_tail_counts(num_classes), tau=0.8,
+                     focal_gamma=focal_gamma)
 
 
 DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -165,6 +166,12 @@ LOSS_CASES = ([(base, dtype, 7, 50) for base in ("ce", "focal", "la") for dtype 
                          ids=lambda v: v if isinstance(v, str) else None)
 def test_loss_and_gradient_match_reference(backend, base, dtype, num_classes, batch):
     assert_loss_matches(backend, loss_case_args(base, DTYPES[dtype], num_classes, batch, masked=batch > 3))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_loss_at_other_gammas(backend, gamma):
+    """γ < 1 (a (1 − p)^{γ−1} that grows without bound as p → 1) and γ = 2, beyond a chunk."""
+    assert_loss_matches(backend, loss_case_args("focal", torch.float32, 1000, 16, masked=True, focal_gamma=gamma))
 
 
 @pytest.mark.parametrize("base", ["ce", "focal"])
