@@ -1,4 +1,5 @@
-"""The custom ops: opcheck (schema, fake, autograd registration), gradcheck, torch.compile."""
+"""The custom ops: opcheck (schema, fake, autograd registration), gradcheck, torch.compile,
+the functional API's mapping onto them. Every backend against the reference: test_backends.py."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ import torch
 import rdr_fast
 from rdr_fast import functional as Fn
 from rdr_fast import reference, torch_impl
-from rdr_fast.constants import RATIO_FLOOR, WEIGHT_MODES, weight_mode
+from backends import TOL
 from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
 
@@ -59,83 +60,57 @@ def test_gradcheck_weighted_loss(base):
     assert torch.autograd.gradcheck(fn, (logits,))
 
 
-def weights_kernel(backend: str):
-    """The CPU kernel of ``rdr_weights_and_update`` of one backend, with the op's signature.
-    "op" is what the op dispatches to on the CPU (C++ when rdr_fast._C is built); "triton"
-    runs in Triton's interpreter."""
-    if backend == "op":
-        return torch.ops.rdr_fast.rdr_weights_and_update.default
-    if backend == "torch":
-        return torch_impl.rdr_weights_and_update_torch
-    if backend == "reference":
-        return reference.rdr_weights_and_update_ref
-    pytest.importorskip("triton")
-    from rdr_fast.kernels import rdr_weights_and_update_triton
-    return rdr_weights_and_update_triton
+@pytest.mark.parametrize("reweight,warmup", [("rdr", False), ("inv_freq", False), ("cb", False), ("none", False),
+                                            ("rdr", True)])
+def test_functional_weights_follow_the_reference(make_batch, reweight, warmup):
+    """rdr_fast.functional maps a reweighting (and warm-up) onto the op's class factors and
+    mode: the weights and the updated state are the reference step's."""
+    features, labels, protos, seen, counts = make_batch(48, 6, 8)
+    p, s = protos.clone(), seen.clone()
+    weights = Fn.rdr_weights_and_update(features, labels, p, s, counts, reweight=reweight, temperature=0.5,
+                                        warmup=warmup)
+    _, expected, expected_p, expected_s = reference.rdr_loss_ref(
+        features, torch.zeros(48, 6, dtype=torch.float64), labels, protos, seen, counts, reweight=reweight,
+        temperature=0.5, warmup=warmup)
+    torch.testing.assert_close(weights, expected, **TOL[torch.float64])
+    torch.testing.assert_close(p, expected_p, **TOL[torch.float64])
+    assert torch.equal(s, expected_s)
 
 
-WEIGHT_BACKENDS = ["op", "torch", "reference", "triton"]
+def test_functional_density_ratios_follow_the_reference_and_change_no_state(make_batch):
+    features, labels, protos, seen, _ = make_batch(48, 6, 8, seen_fraction=0.5)
+    p, s = protos.clone(), seen.clone()
+    torch.testing.assert_close(Fn.density_ratios(features, labels, p, s),
+                               reference.density_ratios_ref(features, labels, protos, seen), **TOL[torch.float64])
+    assert torch.equal(p, protos) and torch.equal(s, seen)
 
 
-def backend_id(backend: str) -> str:
-    return f"op-{rdr_fast.backends()['rdr_weights_and_update']['cpu']}" if backend == "op" else backend
-
-
-@pytest.mark.parametrize("backend", WEIGHT_BACKENDS, ids=backend_id)
-def test_every_backend_clamps_ratios_at_the_shared_floor(backend):
-    """C++ and Triton repeat rdr_fast.constants.RATIO_FLOOR as a literal: an all-zero class
-    (ratio 0, clamped) next to a class never seen (ratio 1) gives weights in the ratio
-    RATIO_FLOOR : 1 on every backend."""
-    features = torch.zeros(4, 3, dtype=torch.float64)
-    features[2:] = torch.randn(2, 3, dtype=torch.float64)
-    labels = torch.tensor([0, 0, 1, 1])
-    protos, seen = torch.randn(2, 3, dtype=torch.float64), torch.tensor([True, False])
-    weights = weights_kernel(backend)(features, labels, protos, seen, torch.ones(2, dtype=torch.float64), 1e-5,
-                                      1.0, 0.9, "density_ratio", False)
-    torch.testing.assert_close(weights[:2] / weights[2:], torch.full((2,), RATIO_FLOOR, dtype=torch.float64),
-                               rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("backend", WEIGHT_BACKENDS, ids=backend_id)
-def test_every_backend_refuses_an_unknown_mode_with_one_message(backend):
-    protos, seen = torch.zeros(2, 3), torch.zeros(2, dtype=torch.bool)
-    with pytest.raises(ValueError) as err:
-        weights_kernel(backend)(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), protos, seen, torch.ones(2), 1e-5,
-                                1.0, 0.9, "rdr", True)
-    assert str(err.value) == f"rdr_weights_and_update: mode must be one of {WEIGHT_MODES}, got 'rdr'"
-    assert not seen.any() and not protos.any(), "refused before any state change"
-
-
-def test_triton_launchers_take_block_sizes():
-    """Other block sizes (run in Triton's interpreter) give the same results as the
-    defaults; malformed ones are refused by name."""
-    pytest.importorskip("triton")
-    from rdr_fast.kernels import rdr_weights_and_update_triton, weighted_loss_triton
-
-    features, labels, protos, seen, *rest = weights_args()
-    states = [(protos.clone(), seen.clone()) for _ in range(2)]
-    default, blocked = (rdr_weights_and_update_triton(features, labels, *state, *rest, block_sizes=sizes)
-                        for state, sizes in zip(states, (None, (32, 32, 1))))
-    torch.testing.assert_close(blocked, default, rtol=1e-12, atol=0)
-    torch.testing.assert_close(states[1][0], states[0][0], rtol=1e-12, atol=0)
-    logits, labels = torch.randn(3, 600, dtype=torch.float64), torch.tensor([5, 300, 599])
-    weights = torch.rand(3, dtype=torch.float64)
-    default, chunked = (weighted_loss_triton(logits, labels, weights, None, 1.5, True, block_sizes=sizes)
-                        for sizes in (None, (64, 1)))
-    torch.testing.assert_close(chunked, default, rtol=1e-12, atol=1e-15)
-    with pytest.raises(ValueError, match="block_sizes must be 2 positive powers of two"):
-        weighted_loss_triton(logits, labels, weights, None, 0.0, True, block_sizes=(48, 1))
-    with pytest.raises(ValueError, match="block_sizes must be 3 positive powers of two"):
-        rdr_weights_and_update_triton(features, labels, protos, seen, *rest, block_sizes=(16, 16))
-
-
-@pytest.mark.parametrize("reweight,warmup,mode", [
-    ("rdr", False, "density_ratio"), ("inv_freq", False, "class_factor"), ("cb", False, "class_factor"),
-    ("none", False, "uniform"), ("rdr", True, "uniform"), ("cb", True, "uniform")])
-def test_weight_mode_of_each_reweighting(reweight, warmup, mode):
-    assert weight_mode(reweight, warmup) == mode
+def test_an_unknown_reweighting_is_refused_by_name(make_batch):
+    features, labels, protos, seen, counts = make_batch(8, 3, 4)
     with pytest.raises(ValueError, match="reweight must be one of"):
-        weight_mode("ldam")
+        Fn.rdr_weights_and_update(features, labels, protos, seen, counts, reweight="ldam")
+
+
+@pytest.mark.parametrize("base", ["ce", "focal", "la"])
+def test_functional_loss_and_its_gradient_follow_the_reference(base):
+    """rdr_fast.functional maps a base loss onto the op's adjust and focal γ, and autograd
+    replays the op's gradient."""
+    counts = [100, 40, 10, 3, 1]
+    logits = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
+    labels, weights = torch.randint(0, 5, (20,)), torch.rand(20, dtype=torch.float64) + 0.1
+    loss = Fn.weighted_loss(logits, labels, weights, base=base, class_counts=counts, tau=0.8, focal_gamma=1.5)
+    loss.backward()
+    x = logits.detach().clone().requires_grad_(True)
+    expected = (weights * reference.per_sample_loss_ref(x, labels, base, counts, tau=0.8, focal_gamma=1.5)).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(logits.grad, x.grad, **TOL[torch.float64])
+
+
+def test_no_gradient_is_computed_without_autograd():
+    logits = torch.randn(8, 3)
+    loss = Fn.weighted_loss(logits, torch.randint(0, 3, (8,)), torch.ones(8))
+    assert not loss.requires_grad
 
 
 def test_backends_are_reported():

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,22 +13,47 @@ import torch.nn.functional as F
 from rdr_fast import reference as ref
 
 
-def ridge_lstsq(x, proto, ridge):
-    """argmin_a ‖Xᵀa − P‖² + λ‖a‖², solved as an augmented least-squares problem."""
-    b, k = x.shape
-    trace = (x * x).sum()
-    lam = ridge * trace / b
-    design = torch.cat([x.T, lam.sqrt() * torch.eye(b, dtype=x.dtype)])
-    target = torch.cat([proto, torch.zeros(b, dtype=x.dtype)])
-    return torch.linalg.lstsq(design, target[:, None]).solution[:, 0]
+def ridge(x, ridge):
+    """λ_c = ridge · trace(X_c X_cᵀ) / b_c."""
+    return ridge * float((x * x).sum()) / len(x)
 
 
 @pytest.mark.parametrize("b,k", [(1, 5), (4, 16), (16, 16), (40, 8)])
 def test_density_ratio_is_scaled_ridge_least_squares(b, k):
+    """r = b · argmin_a ‖Xᵀa − P‖² + λ‖a‖², by NumPy's least squares on the augmented system."""
     x = torch.randn(b, k, dtype=torch.float64)
     proto = torch.randn(k, dtype=torch.float64)
-    expected = b * ridge_lstsq(x, proto, 1e-5)
-    torch.testing.assert_close(ref.density_ratio_one_class_ref(x, proto, 1e-5), expected, rtol=1e-7, atol=1e-9)
+    lam = ridge(x, 1e-5)
+    design = np.concatenate([x.numpy().T, np.sqrt(lam) * np.eye(b)])
+    target = np.concatenate([proto.numpy(), np.zeros(b)])
+    expected = b * np.linalg.lstsq(design, target, rcond=None)[0]
+    np.testing.assert_allclose(ref.density_ratio_one_class_ref(x, proto, 1e-5).numpy(), expected, rtol=1e-7,
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("b,k", [(3, 8), (8, 8), (20, 6)])
+def test_both_system_sizes_agree_by_the_push_through_identity(b, k):
+    """(X Xᵀ + λI_b)⁻¹ X P = X (Xᵀ X + λI_K)⁻¹ P: the reference solves whichever system is
+    smaller; the other one, solved here with NumPy, gives the same ratios."""
+    x = torch.randn(b, k, dtype=torch.float64)
+    proto = torch.randn(k, dtype=torch.float64)
+    xn, pn, lam = x.numpy(), proto.numpy(), ridge(x, 1e-3)
+    small_b = np.linalg.solve(xn @ xn.T + lam * np.eye(b), xn @ pn)
+    small_k = xn @ np.linalg.solve(xn.T @ xn + lam * np.eye(k), pn)
+    np.testing.assert_allclose(small_b, small_k, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ref.density_ratio_one_class_ref(x, proto, 1e-3).numpy(), b * small_b, rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_density_ratios_are_invariant_to_scale_and_follow_row_order():
+    """λ scales with the features' energy: scaling features and prototype together leaves
+    the ratios as they are; permuting a class's rows permutes its ratios."""
+    x = torch.randn(6, 4, dtype=torch.float64)
+    proto = torch.randn(4, dtype=torch.float64)
+    r = ref.density_ratio_one_class_ref(x, proto, 1e-2)
+    torch.testing.assert_close(ref.density_ratio_one_class_ref(7.5 * x, 7.5 * proto, 1e-2), r)
+    order = torch.randperm(6)
+    torch.testing.assert_close(ref.density_ratio_one_class_ref(x[order], proto, 1e-2), r[order])
 
 
 def test_density_ratio_of_prototype_in_span_is_exact_combination():
@@ -45,23 +71,31 @@ def test_all_zero_block_gives_floor_and_unseen_gives_one():
     assert r.tolist() == [ref.RATIO_FLOOR, ref.RATIO_FLOOR, 1.0, 1.0]
 
 
-def test_weights_follow_the_formula_for_every_mode():
-    counts = [100, 10, 1]
-    labels = torch.tensor([0, 1, 2, 2])
-    ratios = torch.tensor([2.0, 1.0, 0.5, 4.0], dtype=torch.float64)
-    n = torch.tensor(counts, dtype=torch.float64)
-    expected = {
-        "rdr": (ratios * n.sum() / n[labels]) ** 0.5,
-        "inv_freq": (n.sum() / n[labels]) ** 0.5,
-        "none": torch.ones(4, dtype=torch.float64),
-    }
-    beta = 0.99
-    cb = (1 - beta) / (1 - beta ** n)
-    expected["cb"] = cb[labels] ** 0.5
-    for mode, raw in expected.items():
-        w = ref.sample_weights_ref(ratios, labels, counts, mode, temperature=0.5, beta=beta)
-        torch.testing.assert_close(w, raw * 4 / raw.sum(), msg=mode)
-        assert abs(float(w.mean()) - 1) < 1e-12
+# One sample of each of two classes, counts [3, 1] (N = 4), worked by hand: inv_freq's
+# factors N/n_c are 4/3 and 4, 1 : 3, so the batch-mean-1 weights are 1/2 and 3/2;
+# ratios 3 and 1 cancel them exactly in rdr; γ = 1/2 turns 1 : 3 into 1 : √3; cb with
+# β = 1/2 has (1−β)/(1−β^n) = 4/7 and 1, normalised to sum 2: 8/11 and 14/11; none: 1.
+@pytest.mark.parametrize("reweight,temperature,ratios,expected", [
+    ("inv_freq", 1.0, [1.0, 1.0], [0.5, 1.5]),
+    ("rdr", 1.0, [3.0, 1.0], [1.0, 1.0]),
+    ("rdr", 1.0, [1.0, 1.0], [0.5, 1.5]),
+    ("inv_freq", 0.5, [2.0, 5.0], [2 / (1 + 3 ** 0.5), 2 * 3 ** 0.5 / (1 + 3 ** 0.5)]),
+    ("cb", 1.0, [2.0, 5.0], [8 / 11, 14 / 11]),
+    ("none", 1.0, [2.0, 5.0], [1.0, 1.0]),
+])
+def test_weights_on_a_case_worked_by_hand(reweight, temperature, ratios, expected):
+    weights = ref.sample_weights_ref(torch.tensor(ratios, dtype=torch.float64), torch.tensor([0, 1]), [3, 1],
+                                     reweight, temperature=temperature, beta=0.5)
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reweight", ["rdr", "inv_freq", "cb", "none"])
+def test_weights_have_batch_mean_one_and_ignore_the_scale_of_ratios(reweight):
+    ratios, labels = torch.rand(9, dtype=torch.float64) + 0.1, torch.arange(9) % 3
+    weights = ref.sample_weights_ref(ratios, labels, [50, 7, 1], reweight, temperature=0.7)
+    torch.testing.assert_close(weights.mean(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(ref.sample_weights_ref(30 * ratios, labels, [50, 7, 1], reweight, temperature=0.7),
+                               weights)
 
 
 def test_warmup_gives_unit_weights():
