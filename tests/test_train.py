@@ -107,12 +107,13 @@ def test_export_after_training_and_from_a_stopped_run(tmp_path):
 
 
 def test_full_disk_is_one_clear_message(tmp_path, monkeypatch):
-    def full(folder, state):
-        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, "checkpoint.pt"))
+    def full(folder, state, name="checkpoint.pt"):
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(folder, name))
     monkeypatch.setattr(run_io, "save_checkpoint", full)
     with pytest.raises(SystemExit) as exc:
         run(tmp_path, "full", "--epochs", "1")
-    assert str(exc.value) == f"error: No space left on device: {tmp_path / 'full' / 'checkpoint.pt'}"
+    # best.pt is the first file written after the first evaluation
+    assert str(exc.value) == f"error: No space left on device: {tmp_path / 'full' / 'best.pt'}"
 
 
 def test_missing_data_is_one_clear_message(tmp_path):
