@@ -19,29 +19,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from . import analysis, run_io
 from .cli_checks import UsageError
-from .data import DataNotFoundError
-from .runs import CHECKPOINTS, open_run
+from .runs import checked_command_args, command_parser, open_run, run_command
 
 SPLITS = ("many", "medium", "few")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m rdr_fast.analyze", description=__doc__.split("\n")[0],
-                     epilog="Exit status 2: a bad argument or an unusable run folder.")
-    parser.add_argument("run_dir", help="a run folder written by python -m rdr_fast.train")
-    parser.add_argument("--which", default="last", choices=tuple(CHECKPOINTS), help="the checkpoint to read")
+    parser = command_parser("rdr_fast.analyze", __doc__, which="last")
     parser.add_argument("--classes", default="few",
                         help="few | many | medium | all (the run's class-index splits) or class indices, e.g. 0,7,9")
     parser.add_argument("--num-batches", type=int, default=1, help="batches per class (each --batch-size samples)")
@@ -52,9 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--density-runs", type=int, default=3)
     parser.add_argument("--epsilon", type=float, default=0.5, help="landscape.png spans θ ± ε·v")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true", help="no table, no progress bars")
-    args = parser.parse_args(argv)
+    args = checked_command_args(parser, argv)
     for name in ("num_batches", "batch_size", "iters", "density_steps", "density_runs"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -62,8 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--trace-samples must be >= 2 (a standard error needs two), got {args.trace_samples}")
     if not (0 < args.epsilon < float("inf")):
         raise UsageError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: this machine has no CUDA device")
     args.progress = False if args.quiet else None  # None: bars on a terminal only
     return args
 
@@ -184,17 +170,17 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
-    try:
-        args = parse_args(argv)
-        result = analyze(args)
-    except (UsageError, DataNotFoundError, run_io.CheckpointError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _main(argv) -> dict:
+    args = parse_args(argv)
+    result = analyze(args)
     if not args.quiet:
         print(table(result))
         print(f"wrote sharpness.json, spectrum.png, landscape.png in {args.run_dir}")
     return result
+
+
+def main(argv=None) -> dict:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the machine is a function returning the problem (or None), listed in SETUP_CHECK
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import math
@@ -29,6 +30,14 @@ RGB_ONLY_MODELS = ("resnet50", "resnet152")     # the ImageNet ResNets take 3 ch
 
 class UsageError(ValueError):
     """A flag value, or a combination of flags, that no run can use."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse whose own refusals (unknown flag, value of the wrong type) are UsageErrors,
+    so that every bad flag of every command is reported the same way."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def at_least(low):

@@ -20,37 +20,24 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 
 import torch
 
 from . import run_io
 from .cli_checks import UsageError
-from .data import DataNotFoundError, make_loaders
+from .data import make_loaders
 from .functional import log_prior
-from .runs import CHECKPOINTS, open_run
+from .runs import checked_command_args, command_parser, open_run, run_command
 from .train import evaluate as evaluate_model
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m rdr_fast.evaluate", description=__doc__.split("\n")[0],
-                     epilog="Exit status 2: a bad argument or an unusable run folder.")
-    parser.add_argument("run_dir", help="a run folder written by python -m rdr_fast.train")
-    parser.add_argument("--which", default="best", choices=tuple(CHECKPOINTS), help="the checkpoint to evaluate")
+    parser = command_parser("rdr_fast.evaluate", __doc__, which="best")
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--posthoc-tau", type=float, default=0.0, help="evaluate logits − τ·log π")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    args = checked_command_args(parser, argv)
     if not math.isfinite(args.posthoc_tau):
         raise UsageError(f"--posthoc-tau must be a finite number, got {args.posthoc_tau}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: this machine has no CUDA device")
     return args
 
 
@@ -80,18 +67,18 @@ def evaluate_run(args) -> dict:
     return result
 
 
-def main(argv=None) -> dict:
-    try:
-        args = parse_args(argv)
-        result = evaluate_run(args)
-    except (UsageError, DataNotFoundError, run_io.CheckpointError, ValueError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _main(argv) -> dict:
+    args = parse_args(argv)
+    result = evaluate_run(args)
     if not args.quiet:
         print(f"{result['run']}, {args.which} checkpoint (epoch {result['epoch']}), {args.split} set"
               + (f", post-hoc τ = {args.posthoc_tau:g}" if args.posthoc_tau else "") + ":\n"
               + run_io.summary_table(result))
     return result
+
+
+def main(argv=None) -> dict:
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

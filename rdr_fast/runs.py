@@ -1,18 +1,21 @@
 """A training run's folder, reopened: its configuration, dataset, model and criterion with the
-weights of a saved checkpoint. What the commands that read a finished (or interrupted)
-run share: ``python -m rdr_fast.analyze``, and whatever else evaluates a run."""
+weights of a saved checkpoint; and what the commands that read a run folder share
+(``python -m rdr_fast.evaluate``, ``python -m rdr_fast.analyze``): their common arguments
+and how they refuse bad input."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from . import RDRLoss, run_io
-from .cli_checks import UsageError
-from .data import LTDataset, load_dataset
+from .cli_checks import UsageError, UsageParser
+from .data import DataNotFoundError, LTDataset, load_dataset
 from .models import build_model
 from .train import Config
 
@@ -69,3 +72,35 @@ def open_run(folder: str, which: str = "last", device: str = "cpu") -> OpenRun:
                         focal_gamma=cfg.focal_gamma, beta=cfg.cb_beta).to(device)
     criterion.load_state_dict(state["criterion"])
     return OpenRun(folder, cfg, ds, model.eval(), criterion.eval(), int(state["epoch"]))
+
+
+# What a command reading a run folder reports as one `error:` line with exit status 2.
+COMMAND_ERRORS = (UsageError, DataNotFoundError, run_io.CheckpointError)
+
+
+def command_parser(module: str, doc: str, which: str) -> argparse.ArgumentParser:
+    """The arguments every such command takes: the run folder, --which (default
+    ``which``), --device and --quiet."""
+    parser = UsageParser(prog=f"python -m {module}", description=doc.split("\n")[0],
+                         epilog="Exit status 2: a bad argument or an unusable run folder.")
+    parser.add_argument("run_dir", help="a run folder written by python -m rdr_fast.train")
+    parser.add_argument("--which", default=which, choices=tuple(CHECKPOINTS), help="the checkpoint to read")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet", action="store_true", help="no table, no progress bars")
+    return parser
+
+
+def checked_command_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this machine has no CUDA device")
+    return args
+
+
+def run_command(work, argv=None):
+    """``work(argv)``'s result, or one `error:` line on stderr and exit status 2."""
+    try:
+        return work(argv)
+    except COMMAND_ERRORS as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

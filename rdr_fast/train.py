@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import RDRLoss, cli_checks, distributed, run_io
-from .cli_checks import UsageError
+from .cli_checks import UsageError, UsageParser
 from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
 from .metrics import Evaluation, count_splits
 from .models import MODELS, build_model, default_model
@@ -87,16 +87,8 @@ CHOICES = {"dataset": DATASETS, "model": tuple(MODELS), "loss": ("ce", "focal", 
 IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed", "sam")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose own refusals (unknown flag, value of the wrong type) are UsageErrors,
-    so that every bad flag is reported the same way."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
 def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m rdr_fast.train", description=__doc__.split("\n")[0],
+    parser = UsageParser(prog="python -m rdr_fast.train", description=__doc__.split("\n")[0],
                      epilog="Exit status 2: a bad flag; 1: the run failed (RDR_FAST_DEBUG=1 shows why "
                             "with a traceback). See docs/reliability.md.",
                      argument_default=argparse.SUPPRESS if suppress_defaults else None)

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first `import triton`, as in test_triton.py
 
 import rdr_fast  # noqa: E402
-from rdr_fast import _checks, ops, reference, torch_impl  # noqa: E402
+from rdr_fast import _checks, reference, torch_impl  # noqa: E402
 from rdr_fast import functional as Fn  # noqa: E402
 
 OPS = ("rdr_weights_and_update", "weighted_loss")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rdr_fast import train as train_cli
-from rdr_fast.data import (LOADERS, ImageFormat, LTDataset, TensorImageDataset, class_splits,
+from rdr_fast.data import (LOADERS, LTDataset, TensorImageDataset, class_splits,
                            load_dataset, make_loaders, resolve_loader, sampling, set_epoch)
 
 try:
