@@ -5,7 +5,7 @@ waiting for work sleep) and with the policy left to the OpenMP runtime (threads 
 a while first: the behaviour before the CLI set it).
 
 Each row is one whole run (pedantic, one round: a run lasts tens of seconds); the
-neighbour starts before and stops after it. Compare rows of one session on one machine.
+neighbour starts before and stops after it. Compare rows of one run of this file on one machine.
 
 Run:  pytest bench/bench_shared.py --benchmark-only
 """
