@@ -11,7 +11,7 @@ something imported Triton first). That only works because the kernels call no
 ``@triton.jit`` function themselves: no helpers of their own, no ``tl.sum``/``tl.max``/
 ``tl.zeros``/``tl.cdiv``; reductions are ``tl.reduce(x, axis, _ADD or _MAX)`` with
 Triton's own combiners, which the interpreter recognises and reduces with NumPy. This is
-how CI (no GPU) tests the kernels (tests/test_triton.py); CUDA tensors always get the
+how CI (no GPU) tests the kernels (tests/test_backends.py); CUDA tensors always get the
 compiled kernel.
 """
 from __future__ import annotations
