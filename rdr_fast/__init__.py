@@ -37,4 +37,16 @@ def backends() -> dict[str, dict[str, str]]:
     return {name: dict(devices) for name, devices in ops.BACKENDS.items()}
 
 
-__all__ = ["RDRLoss", "functional", "backends", "extension_info", "__version__"]
+# For your own model and data, loaded on first use (they import torchvision).
+_LAZY = {"with_features": "models", "class_counts": "data"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'rdr_fast' has no attribute {name!r}")
+
+
+__all__ = ["RDRLoss", "functional", "backends", "extension_info", "with_features", "class_counts", "__version__"]

@@ -58,6 +58,14 @@ def test_a_model_without_a_findable_head_is_refused_by_name():
         with_features(torchvision.models.resnet18(num_classes=3), head=torch.nn.Linear(512, 3))
 
 
+def test_the_package_offers_both_at_the_top_level():
+    import rdr_fast
+
+    assert rdr_fast.with_features is with_features and rdr_fast.class_counts is class_counts
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        rdr_fast.nothing
+
+
 def test_class_counts_from_labels_of_any_kind_and_from_datasets():
     labels = [0, 2, 2, 1, 2, 0]
     for given in (labels, np.array(labels), torch.tensor(labels, dtype=torch.int32)):
