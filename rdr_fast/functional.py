@@ -111,8 +111,8 @@ def weighted_loss(logits, labels, weights, *, base: str = "ce", class_counts=Non
         flows into it). base: "ce", "focal" (−(1−p_t)^γ log p_t) or "la" (CE on logits +
         τ·log π; needs ``class_counts``).
     Returns:
-        A scalar in the compute dtype; differentiable with respect to ``logits`` (once:
-        differentiating the gradient again raises).
+        A scalar in the compute dtype; differentiable with respect to ``logits``, twice
+        too (Hessian-vector products: the weights are constants).
     """
     _checks.check_choice("base", base, BASE_LOSSES)
     check_hyperparameters(tau=tau, focal_gamma=focal_gamma)
@@ -147,6 +147,16 @@ def _loss_op(logits, labels, weights, logit_adjust, focal_gamma: float) -> torch
     loss, _ = torch.ops.rdr_fast.weighted_loss(logits, labels, weights.detach(), logit_adjust, focal_gamma,
                                                compute_grad)
     return loss
+
+
+def per_sample_losses(logits, labels, weights, *, logit_adjust=None, focal_gamma: float = 0.0,
+                      validate=None) -> torch.Tensor:
+    """w_j ℓ_j for each sample [B] (RDRLoss's reduction="none"): the terms whose mean
+    ``loss_from_weights`` returns, with the same checks, computed by plain differentiable
+    torch ops on the PyTorch path (the fused op only returns their mean)."""
+    _checks.check_range("focal_gamma", focal_gamma, 0.0, float("inf"))
+    labels = _checked_loss_inputs(logits, labels, weights, logit_adjust, validate)
+    return torch_impl.weighted_losses_differentiable(logits, labels, weights, logit_adjust, float(focal_gamma))
 
 
 def check_hyperparameters(*, temperature=1.0, ridge=DEFAULT_RIDGE, momentum=0.9, beta=0.9999, focal_gamma=1.0,

@@ -7,6 +7,8 @@ from torch import nn
 from . import _checks, distributed, functional
 from .constants import BASE_LOSSES, DEFAULT_RIDGE, REWEIGHT_MODES, weight_mode
 
+REDUCTIONS = ("mean", "sum", "none")
+
 
 class RDRLoss(nn.Module):
     """Loss weighted by class inverse frequency times an on-the-fly density ratio.
@@ -29,6 +31,8 @@ class RDRLoss(nn.Module):
         validate: data checks (label range, NaN/Inf, feature magnitude): None = on CPU
             inputs only, True = always (forces a host sync on GPU), False = never. Type,
             shape, dtype and device checks always run (docs/reliability.md, "Python API").
+        reduction: "mean" (L above), "sum" (Σ w_j ℓ_j) or "none" (w_j ℓ_j per sample, [B];
+            computed by plain torch ops, the fused op only gives the mean).
         sync_prototypes: under torch.distributed (world size > 1), all-reduce the
             per-class feature sums and counts ([C, K+1], one call per step) so every rank
             applies the update of the global batch. The weights stay per rank: each rank's
@@ -42,7 +46,8 @@ class RDRLoss(nn.Module):
     def __init__(self, class_counts, feat_dim: int, base: str = "ce", reweight: str = "rdr",
                  momentum: float = 0.9, temperature: float = 1.0, warmup_steps: int = 0,
                  tau: float = 1.0, focal_gamma: float = 1.0, beta: float = 0.9999,
-                 ridge: float = DEFAULT_RIDGE, validate: bool | None = None, sync_prototypes: bool = True):
+                 ridge: float = DEFAULT_RIDGE, validate: bool | None = None, sync_prototypes: bool = True,
+                 reduction: str = "mean"):
         super().__init__()
         counts = _checks.as_class_counts(class_counts)
         _checks.check_choice("base", base, BASE_LOSSES)
@@ -51,10 +56,11 @@ class RDRLoss(nn.Module):
         warmup_steps = _checks.check_count("warmup_steps", warmup_steps, 0)
         _checks.check_validate(validate)
         _checks.check_flag("sync_prototypes", sync_prototypes)
+        _checks.check_choice("reduction", reduction, REDUCTIONS)
         functional.check_hyperparameters(temperature=temperature, ridge=ridge, momentum=momentum,
                                          beta=beta, focal_gamma=focal_gamma, tau=tau)
         self.base, self.reweight, self.validate = base, reweight, validate
-        self.sync_prototypes = sync_prototypes
+        self.sync_prototypes, self.reduction = sync_prototypes, reduction
         self.momentum, self.temperature, self.ridge = float(momentum), float(temperature), float(ridge)
         self.warmup_steps, self.tau, self.focal_gamma, self.beta = warmup_steps, float(tau), float(focal_gamma), beta
         num_classes = len(counts)
@@ -76,15 +82,28 @@ class RDRLoss(nn.Module):
     def feat_dim(self) -> int:
         return self.prototypes.shape[1]
 
-    def forward(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """features [B, K] floating, logits [B, C] floating, targets [B] integer → scalar loss."""
+    def forward(self, features: torch.Tensor | None, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """features [B, K] floating, logits [B, C] floating, targets [B] integer → the loss
+        (a scalar; [B] with reduction="none"). ``features`` may be None for the reweightings
+        that do not use them (inv_freq, cb, none); the prototypes then do not change."""
+        if features is None:
+            if self.reweight == "rdr":
+                raise ValueError("features: reweight='rdr' needs the features (its density ratios come from them); "
+                                 "None only goes with reweight 'inv_freq', 'cb' or 'none'")
+            # The same op on zero features, without the update: the weights of these modes
+            # do not read the features, and so they stay those of the fused kernel.
+            _checks.check_logits(logits, self.num_classes)
+            features = logits.new_zeros(logits.shape[0], self.feat_dim)
+            update_state = False
+        else:
+            update_state = self.training
         features, logits, targets = self._checked_inputs(features, logits, targets)
-        global_update = self.training and self.sync_prototypes and distributed.multi_rank()
+        global_update = update_state and self.sync_prototypes and distributed.multi_rank()
         # The mode leaves warm-up out: it is applied below from the step buffer, without a host sync.
         weights = functional.weights_from_factors(
             features, targets, self.prototypes, self.seen, self.class_factors, mode=weight_mode(self.reweight),
             ridge=self.ridge, temperature=self.temperature, momentum=self.momentum,
-            update=self.training and not global_update)
+            update=update_state and not global_update)
         if global_update:
             distributed.update_prototypes_global_(self.prototypes, self.seen, features, targets, self.momentum)
         if self.warmup_steps > 0 and self.reweight != "none":
@@ -104,8 +123,9 @@ class RDRLoss(nn.Module):
 
     def _loss(self, logits, targets, weights, validate) -> torch.Tensor:
         gamma = self.focal_gamma if self.base == "focal" else 0.0
-        return functional.loss_from_weights(logits, targets, weights, logit_adjust=self.logit_adjust,
-                                            focal_gamma=gamma, validate=validate)
+        reduce = functional.per_sample_losses if self.reduction == "none" else functional.loss_from_weights
+        loss = reduce(logits, targets, weights, logit_adjust=self.logit_adjust, focal_gamma=gamma, validate=validate)
+        return loss * len(targets) if self.reduction == "sum" else loss
 
     def _checked_inputs(self, features, logits, targets):
         """(features, logits, targets) checked, targets as int64, and in training (which

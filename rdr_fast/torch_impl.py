@@ -232,6 +232,16 @@ def weighted_loss_torch(logits, labels, weights, logit_adjust, focal_gamma: floa
     return loss, grad.to(logits.dtype)
 
 
+def weighted_losses_differentiable(logits, labels, weights, logit_adjust, focal_gamma: float):
+    """w_j ℓ_j per sample [B], with differentiable torch ops on the logits as given."""
+    x = logits.to(compute_dtype(logits.dtype))
+    if logit_adjust is not None:
+        x = x + logit_adjust.to(x.dtype)
+    log_pt = torch.log_softmax(x, dim=1).gather(1, labels[:, None])[:, 0]
+    per_sample = -log_pt if focal_gamma == 0.0 else _focal_terms(log_pt, focal_gamma)[0]
+    return weights.detach().to(x.dtype) * per_sample
+
+
 def weighted_loss_grad_differentiable(logits, labels, weights, logit_adjust, focal_gamma: float):
     """∂L/∂logits of the op weighted_loss, written with out-of-place, differentiable torch ops
     on the logits as given (not detached): the gradient the op's backward returns when

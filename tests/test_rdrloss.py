@@ -199,3 +199,38 @@ def test_every_backend_trains(impl, training_runs):
     assert report["loss_error"] < 1e-12 and report["grad_error"] < 1e-12
     assert report["prototypes"]
     assert report["double_error"] < 1e-12
+
+
+@pytest.mark.parametrize("base", ["ce", "focal", "la"])
+def test_reductions_are_the_mean_its_sum_and_its_terms(base):
+    counts = [40, 20, 10, 5]
+    feats, logits, y = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64), \
+        torch.randint(0, 4, (12,))
+    crits = {r: rdr_fast.RDRLoss(counts, 6, base=base, reduction=r).double() for r in ("mean", "sum", "none")}
+    for crit in crits.values():
+        crit(feats, logits, y)  # one step each: the same prototypes, so the same weights
+    z = logits.clone().requires_grad_(True)
+    got = {r: crit(feats, z, y) for r, crit in crits.items()}
+    assert got["none"].shape == (12,)
+    torch.testing.assert_close(got["none"].sum() / 12, got["mean"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(got["sum"], 12 * got["mean"], rtol=1e-12, atol=0)
+    (grad_none,) = torch.autograd.grad(got["none"].sum(), z)
+    (grad_sum,) = torch.autograd.grad(got["sum"], z)
+    torch.testing.assert_close(grad_none, grad_sum, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reweight", ["inv_freq", "cb", "none"])
+def test_features_may_be_none_where_the_weights_do_not_use_them(reweight):
+    counts = [40, 20, 10, 5]
+    feats, logits, y = torch.randn(12, 6), torch.randn(12, 4), torch.randint(0, 4, (12,))
+    with_feats, without = rdr_fast.RDRLoss(counts, 6, reweight=reweight), rdr_fast.RDRLoss(counts, 6, reweight=reweight)
+    torch.testing.assert_close(without(None, logits, y), with_feats(feats, logits, y), rtol=0, atol=0)
+    torch.testing.assert_close(without.last_weights, with_feats.last_weights, rtol=0, atol=0)
+    assert not without.seen.any() and with_feats.seen.any()  # no features, nothing to update
+
+
+def test_rdr_without_features_and_an_unknown_reduction_are_refused_by_name():
+    with pytest.raises(ValueError, match="features: reweight='rdr' needs the features"):
+        rdr_fast.RDRLoss([4, 2], 3)(None, torch.randn(2, 2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        rdr_fast.RDRLoss([4, 2], 3, reduction="avg")
