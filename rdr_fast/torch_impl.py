@@ -211,13 +211,8 @@ def weighted_loss_torch(logits, labels, weights, logit_adjust, focal_gamma: floa
     ℓ_j = −(1−p_j)^γ log p_j with p_j = softmax(logits_j + adjust)_{y_j} (γ = 0 is CE,
     LA passes τ·log π as adjust). Returns (L = Σ w ℓ / B, ∂L/∂logits or an empty tensor).
     """
-    dtype = compute_dtype(logits.dtype)
-    x = logits.detach().to(dtype)
-    if logit_adjust is not None:
-        x = x + logit_adjust.to(dtype)
-    log_probs = torch.log_softmax(x, dim=1)
-    log_pt = log_probs.gather(1, labels[:, None])[:, 0]
-    w = weights.detach().to(dtype) / len(labels)
+    log_probs, log_pt = _adjusted_log_probs(logits.detach(), labels, logit_adjust)
+    w = weights.detach().to(log_probs.dtype) / len(labels)
     if focal_gamma == 0.0:
         per_sample, dloss_dlogpt = -log_pt, -torch.ones_like(log_pt)
     else:
@@ -234,12 +229,9 @@ def weighted_loss_torch(logits, labels, weights, logit_adjust, focal_gamma: floa
 
 def weighted_losses_differentiable(logits, labels, weights, logit_adjust, focal_gamma: float):
     """w_j ℓ_j per sample [B], with differentiable torch ops on the logits as given."""
-    x = logits.to(compute_dtype(logits.dtype))
-    if logit_adjust is not None:
-        x = x + logit_adjust.to(x.dtype)
-    log_pt = torch.log_softmax(x, dim=1).gather(1, labels[:, None])[:, 0]
+    _, log_pt = _adjusted_log_probs(logits, labels, logit_adjust)
     per_sample = -log_pt if focal_gamma == 0.0 else _focal_terms(log_pt, focal_gamma)[0]
-    return weights.detach().to(x.dtype) * per_sample
+    return weights.detach().to(log_pt.dtype) * per_sample
 
 
 def weighted_loss_grad_differentiable(logits, labels, weights, logit_adjust, focal_gamma: float):
@@ -247,15 +239,21 @@ def weighted_loss_grad_differentiable(logits, labels, weights, logit_adjust, foc
     on the logits as given (not detached): the gradient the op's backward returns when
     autograd is asked for a graph (create_graph=True), so that it can be differentiated
     again (Hessian-vector products). The weights are constants, as in training."""
+    log_probs, log_pt = _adjusted_log_probs(logits, labels, logit_adjust)
+    dloss_dlogpt = -torch.ones_like(log_pt) if focal_gamma == 0.0 else _focal_terms(log_pt, focal_gamma)[1]
+    coefficient = weights.detach().to(log_pt.dtype) / len(labels) * dloss_dlogpt
+    one_hot = F.one_hot(labels, log_probs.shape[1]).to(log_pt.dtype)
+    return ((one_hot - torch.exp(log_probs)) * coefficient[:, None]).to(logits.dtype)
+
+
+def _adjusted_log_probs(logits, labels, logit_adjust):
+    """(log softmax of logits + adjust, its entry at each label), in the compute dtype;
+    differentiable in ``logits`` unless the caller detached them."""
     x = logits.to(compute_dtype(logits.dtype))
     if logit_adjust is not None:
         x = x + logit_adjust.to(x.dtype)
     log_probs = torch.log_softmax(x, dim=1)
-    log_pt = log_probs.gather(1, labels[:, None])[:, 0]
-    dloss_dlogpt = -torch.ones_like(log_pt) if focal_gamma == 0.0 else _focal_terms(log_pt, focal_gamma)[1]
-    coefficient = weights.detach().to(x.dtype) / len(labels) * dloss_dlogpt
-    one_hot = F.one_hot(labels, x.shape[1]).to(x.dtype)
-    return ((one_hot - torch.exp(log_probs)) * coefficient[:, None]).to(logits.dtype)
+    return log_probs, log_probs.gather(1, labels[:, None])[:, 0]
 
 
 def _focal_terms(log_pt, gamma: float):
