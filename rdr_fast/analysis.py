@@ -39,6 +39,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_count, check_range
+from .distributed import all_reduce_
+
 __all__ = ["hessian_eigenvalues", "hessian_extremes", "hessian_trace", "hessian_density", "SpectralDensity", "loss_along"]
 
 LossFn = Callable[[object, torch.Tensor], torch.Tensor]
@@ -70,7 +73,7 @@ class HessianOperator:
         self.device, self.dtype = self.params[0].device, self.params[0].dtype
         self.size = sum(p.numel() for p in self.params)
         self.batches = _restricted(batches, classes, self.device)
-        self.total = _all_ranks_sum(torch.tensor(float(sum(len(t) for _, t in self.batches)), device=self.device))
+        self.total = all_reduce_(torch.tensor(float(sum(len(t) for _, t in self.batches)), device=self.device))
         if self.total.item() == 0:
             raise ValueError(f"batches: no sample of classes {sorted(classes)}" if classes is not None
                              else "batches: no sample at all")
@@ -92,13 +95,13 @@ class HessianOperator:
             grads = self._cached_grads if single else self._grads(inputs, targets)
             hv = torch.autograd.grad(grads, self.params, grad_outputs=pieces, retain_graph=single)
             product += len(targets) * torch.cat([h.reshape(-1) for h in hv])
-        return _all_ranks_sum(product) / self.total
+        return all_reduce_(product) / self.total
 
     def loss(self) -> float:
         """The mean loss over the batches (all ranks)."""
         with torch.no_grad():
             total = sum(len(t) * self.loss_fn(self.model(x), t) for x, t in self.batches)
-        return (_all_ranks_sum(torch.as_tensor(total, device=self.device, dtype=self.dtype)) / self.total).item()
+        return (all_reduce_(torch.as_tensor(total, device=self.device, dtype=self.dtype)) / self.total).item()
 
     def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
         """The flat vector as views shaped like the parameters."""
@@ -129,12 +132,6 @@ def _restricted(batches, classes, device) -> list[tuple]:
         if len(targets):
             kept.append((inputs.to(device), targets.to(device)))
     return kept
-
-
-def _all_ranks_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
 
 
 @dataclass
@@ -187,16 +184,6 @@ def _progress(total: int, desc: str, progress: bool | None):
     return tqdm(total=total, desc=desc, disable=None if progress is None else not progress, leave=False)
 
 
-def _check_positive_int(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_tol(tol) -> None:
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
-
-
 def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable, k: int = 1, which: str = "largest",
                         iters: int = 100, tol: float = 1e-4, seed: int = 0, classes=None,
                         return_vectors: bool = False, progress: bool | None = None):
@@ -211,9 +198,9 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, batches: Iterable, k:
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}")
-    _check_positive_int("k", k)
-    _check_positive_int("iters", iters)
-    _check_tol(tol)
+    check_count("k", k, 1)
+    check_count("iters", iters, 1)
+    check_range("tol", tol, 0.0, math.inf, low_open=True)
     with eval_mode(model):
         operator = HessianOperator(model, loss_fn, batches, classes)
         if k > operator.size:
@@ -244,8 +231,8 @@ def hessian_extremes(model: nn.Module, loss_fn: LossFn, batches: Iterable, iters
                      seed: int = 0, classes=None, progress: bool | None = None) -> tuple[float, float]:
     """(λ_max, λ_min) from one Lanczos run: its Ritz values converge to both ends of the
     spectrum at once, each to the residual bound of ``hessian_eigenvalues``."""
-    _check_positive_int("iters", iters)
-    _check_tol(tol)
+    check_count("iters", iters, 1)
+    check_range("tol", tol, 0.0, math.inf, low_open=True)
     with eval_mode(model):
         operator = HessianOperator(model, loss_fn, batches, classes)
 
@@ -264,7 +251,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, batches: Iterable, samples:
                   classes=None, progress: bool | None = None) -> tuple[float, float]:
     """Hutchinson's estimate of trace(H) from ``samples`` Rademacher vectors v (E[vᵀHv] =
     trace H), and its standard error (sample standard deviation / √samples)."""
-    _check_positive_int("samples", samples, low=2)
+    check_count("samples", samples, 2)
     with eval_mode(model):
         operator = HessianOperator(model, loss_fn, batches, classes)
         generator = torch.Generator().manual_seed(seed)
@@ -296,11 +283,10 @@ def hessian_density(model: nn.Module, loss_fn: LossFn, batches: Iterable, steps:
     weights τ (the squared first components of T's eigenvectors, summing to 1); each node
     becomes a Gaussian of variance ``sigma_squared``·max(1, θ_max − θ_min), and the runs
     are averaged on a grid from θ_min − 0.01 to θ_max + 0.01 (PyHessian's smoothing)."""
-    _check_positive_int("steps", steps)
-    _check_positive_int("runs", runs)
-    _check_positive_int("bins", bins, low=2)
-    if not (math.isfinite(sigma_squared) and sigma_squared > 0):
-        raise ValueError(f"sigma_squared must be a finite number > 0, got {sigma_squared!r}")
+    check_count("steps", steps, 1)
+    check_count("runs", runs, 1)
+    check_count("bins", bins, 2)
+    check_range("sigma_squared", sigma_squared, 0.0, math.inf, low_open=True)
     nodes, weights = [], []
     with eval_mode(model):
         operator = HessianOperator(model, loss_fn, batches, classes)

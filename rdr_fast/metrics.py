@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from .distributed import all_reduce_
+
 COUNT_THRESHOLDS = (100, 20)  # many: > 100 training images, few: < 20
 ECE_BINS = 15
 SPLITS = ("many", "medium", "few")
@@ -77,9 +79,8 @@ class Evaluation:
 
     def all_reduce(self) -> "Evaluation":
         """Sum over the processes of torch.distributed (each evaluated its own shard)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for total in (self.confusion, self.top5_hits, self.bin_count, self.bin_hits, self.bin_confidence, self.nll):
-                torch.distributed.all_reduce(total)
+        for total in (self.confusion, self.top5_hits, self.bin_count, self.bin_hits, self.bin_confidence, self.nll):
+            all_reduce_(total)
         return self
 
     def compute(self, class_counts, index_splits: dict) -> dict:
