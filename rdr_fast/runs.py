@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from . import RDRLoss, run_io
 from .cli_checks import UsageError, UsageParser
 from .data import DataNotFoundError, LTDataset, load_dataset
 from .models import build_model
-from .train import Config
+from .train import Config, read_config_json
 
 CHECKPOINTS = {"best": run_io.BEST, "last": run_io.CHECKPOINT}  # --which: the file each choice reads
 
@@ -40,13 +39,7 @@ def saved_config(folder: str) -> Config:
         raise UsageError(f"{folder} is not a folder")
     if not os.path.isfile(path):
         raise UsageError(f"{folder} is not a run folder: it has no config.json")
-    try:
-        with open(path) as handle:
-            saved = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path} ({exc})") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"{path} does not hold a configuration (a JSON object)")
+    saved = read_config_json(path)
     fields = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in saved.items() if k in fields})
 

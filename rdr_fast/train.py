@@ -121,13 +121,19 @@ def _saved_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UsageError(f"--resume {folder}: {path} does not exist (is it a run folder?)")
+    return read_config_json(path, context=f"--resume {folder}: ")
+
+
+def read_config_json(path: str, context: str = "") -> dict:
+    """The settings a run's config.json holds (UsageError, its message after ``context``,
+    when the file cannot be read or holds no JSON object)."""
     try:
         with open(path) as handle:
             saved = json.load(handle)
     except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
-        raise UsageError(f"--resume {folder}: cannot read {path} ({exc})") from None
+        raise UsageError(f"{context}cannot read {path} ({exc})") from None
     if not isinstance(saved, dict):
-        raise UsageError(f"--resume {folder}: {path} does not hold a configuration (a JSON object)")
+        raise UsageError(f"{context}{path} does not hold a configuration (a JSON object)")
     return saved
 
 
@@ -262,10 +268,9 @@ def log_epoch(cfg, history) -> None:
               f"few {row['acc_index_few']:6.2f}  ECE {row['ece']:5.2f}")
 
 
-def finish(cfg, ds, ctx, model, test_loader, history) -> None:
+def finish(cfg, ds, ctx, evaluation: Evaluation, history) -> None:
     """summary.json, confusion.csv/.png, reliability.png and the closing table, once the
-    last epoch is done."""
-    evaluation = evaluate(cfg, model, test_loader, ds.num_classes)
+    last epoch is done; ``evaluation`` is the last epoch's."""
     if not ctx.is_main:
         return
     final = evaluation.compute(ds.class_counts, ds.splits)
@@ -386,6 +391,7 @@ def run(cfg: Config) -> dict:
         print(f"{cfg.dataset}: {len(ds.train)} train / {len(ds.test)} test, {ds.num_classes} classes, "
               f"{method_name(cfg)} on {cfg.model} ({cfg.device} x{ctx.world_size}), writing {cfg.out}")
     end_epoch = min(cfg.epochs, start_epoch + (cfg.stop_after or cfg.epochs))
+    evaluation = None  # the latest epoch's test evaluation
     for epoch in range(start_epoch, end_epoch):
         set_epoch(train_loader, epoch)
         tic = time.perf_counter()
@@ -393,7 +399,8 @@ def run(cfg: Config) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            metrics = evaluate(cfg, model, test_loader, ds.num_classes).compute(ds.class_counts, ds.splits)
+            evaluation = evaluate(cfg, model, test_loader, ds.num_classes)
+            metrics = evaluation.compute(ds.class_counts, ds.splits)
             metrics.pop("per_class")
             row = {"epoch": epoch + 1, "train_loss": loss, "lr": lr, **metrics,
                    **{f"weight_{s}": w for s, w in weights.items()}, "epoch_seconds": time.perf_counter() - tic}
@@ -414,7 +421,9 @@ def run(cfg: Config) -> dict:
         run_io.plot_history(cfg.out, history, f"{cfg.dataset} {method_name(cfg)}")
     finished = end_epoch == cfg.epochs and bool(history)
     if finished:
-        finish(cfg, ds, ctx, model, test_loader, history)
+        if evaluation is None:  # resumed after its last epoch: nothing was evaluated in this invocation
+            evaluation = evaluate(cfg, model, test_loader, ds.num_classes)
+        finish(cfg, ds, ctx, evaluation, history)
     if cfg.export and ctx.is_main:
         run_io.export_weights(model, cfg.export)
     distributed.shutdown(ctx)
