@@ -119,8 +119,9 @@ def analyze(args) -> dict:
     if not result["per_class"]:
         raise UsageError(f"--classes {args.classes}: none of these classes has a training sample")
     rarest = min((int(c) for c in result["per_class"]), key=lambda c: run.ds.class_counts[c])
-    draw_spectrum(run, losses["trained"], device_batches([rarest]), rarest, result, args)
-    draw_landscape(run, losses, device_batches([rarest]), rarest, args)
+    rarest_batches = device_batches([rarest])
+    draw_spectrum(run, losses["trained"], rarest_batches, rarest, result, args)
+    draw_landscape(run, losses, rarest_batches, rarest, args)
     run_io.write_json(os.path.join(run.folder, "sharpness.json"), result)
     return result
 

@@ -31,7 +31,7 @@ import warnings
 import torch
 
 from . import torch_impl
-from ._extension import extension_info
+from ._extension import compile_pending, extension_info
 from .constants import check_weight_mode, compute_dtype
 
 LIB = torch.library.Library("rdr_fast", "FRAGMENT")
@@ -313,8 +313,6 @@ def _compiled_at_first_use(name: str):
 
 def _compile_cpp_kernels() -> None:
     """Compile the pending C++ kernels and record the outcome in BACKENDS for both ops."""
-    from ._extension import compile_pending
-
     compiled = compile_pending()
     if not compiled:
         _warn_missing_cpp_kernels()
