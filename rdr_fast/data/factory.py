@@ -42,6 +42,8 @@ def resolve_loader(ds, loader: str = "auto", device=None) -> str:
     if loader == "dali" and kind is None:
         raise ValueError(f"loader 'dali' needs an ImageFormat on the dataset (ds.train.image_format); "
                          f"{ds.name} has none: use 'torch'")
+    if loader == "dali":
+        dali_loader.check_autoaugment(ds.train.image_format)
     return loader
 
 
