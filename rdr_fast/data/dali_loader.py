@@ -22,8 +22,9 @@ AutoAugment and Cutout (ImageFormat.autoaugment / cutout) come after the basic
 augmentation, on HWC uint8: nvidia.dali.auto_aug.auto_augment with DALI's closest
 policy (DALI_POLICIES: "reduced_cifar10" for torchvision's "cifar10", whose sub-policies
 it shares but with 11 magnitude bins, unsigned colour factors in [0.1, 1.9], and
-Solarize alone where torchvision pairs it with Invert), mid-grey fill, the image shape
-given so translations scale with it; then fn.erase with centred anchors, which clips
+Solarize alone where torchvision pairs it with Invert; DALI's "image_net" has
+other sub-policies than torchvision's ImageNet table), mid-grey fill, translations up to
+TRANSLATE_REL of the side as in torchvision; then fn.erase with centred anchors, which clips
 the box at the borders as Cutout does. The in-memory loader takes the Cutout centres
 from the plan (the same holes as the torch and gpu loaders) and, with AutoAugment,
 rebuilds its pipeline each pass with a seed derived from (seed, epoch), so DALI's own
@@ -49,6 +50,7 @@ from .image_format import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT
 
 # torchvision's AutoAugment policy -> DALI's nearest (DALI has no plain CIFAR-10 policy).
 DALI_POLICIES = {"cifar10": "reduced_cifar10", "imagenet": "image_net", "svhn": "svhn"}
+TRANSLATE_REL = 150 / 331   # torchvision's largest AutoAugment shift, a fraction of the side
 
 INSTALL_HINT = ('pip install "rdr_fast[dali]" (the nvidia-dali-cuda130 wheel; '
                 'nvidia-dali-cuda120 for CUDA 12 drivers)')
@@ -97,7 +99,8 @@ def autoaugment_and_cutout(x, fmt, centre):
     from nvidia.dali.auto_aug import auto_augment
     if fmt.autoaugment != "none":
         x = auto_augment.auto_augment(x, policy_name=DALI_POLICIES[fmt.autoaugment],
-                                      shape=list(fmt.size), fill_value=augment.FILL)
+                                      shape=list(fmt.size), max_translate_rel=TRANSLATE_REL,
+                                      fill_value=augment.FILL)
     side = 2 * (fmt.cutout // 2)          # Cutout's box is [c - L//2, c + L//2)
     if side:
         x = fn.erase(x, anchor=centre, shape=[float(side)] * 2, axis_names="HW",
