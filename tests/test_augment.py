@@ -17,7 +17,7 @@ from rdr_fast.data import ImageFormat, LTDataset, TensorImageDataset, load_datas
 from rdr_fast.data import augment
 from rdr_fast.data.oltr import torchvision_transform
 from rdr_fast.data.sampling import SeededShuffleSampler
-from test_loaders import CIFAR_NORM, needs_dali, one_pass, places_lt, tensor_ds
+from test_loaders import CIFAR_NORM, HAVE_DALI, needs_cuda, needs_dali, one_pass, places_lt, tensor_ds
 
 FMNIST = dict(shape=(1, 28, 28), pad=2, norm=((0.2860,), (0.3530,)))
 
@@ -159,6 +159,23 @@ def test_dali_array_loader_is_pure_in_seed_and_epoch():
     gpu = epoch_batches(ds, "gpu", 1)
     assert torch.equal(gpu[1], first[1]) and first[0].shape == gpu[0].shape
     assert not torch.allclose(gpu[0], first[0])        # DALI's own AutoAugment draws differ
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_loaders_match_the_cpu_ones():
+    ds = with_augment(tensor_ds(n_train=96), "autoaug_cutout")
+    cpu = epoch_batches(ds, "gpu", 1)
+    cuda = epoch_batches(ds, "gpu", 1, device="cuda")
+    assert torch.equal(cpu[1], cuda[1].cpu())
+    # geometric ops may round a sampling coordinate the other way on another device
+    assert ((cuda[0].cpu() - cpu[0]).abs() > 1e-4).float().mean() < 0.01
+    torch_cuda = epoch_batches(ds, "torch", 1, device="cuda")
+    torch.testing.assert_close(torch_cuda[0].cpu(), cpu[0], rtol=0, atol=1e-5)
+    if HAVE_DALI:
+        first, again = epoch_batches(ds, "dali", 1, device="cuda"), epoch_batches(ds, "dali", 1, device="cuda")
+        torch.testing.assert_close(first[0], again[0], rtol=0, atol=0)
+        assert torch.equal(first[1].cpu(), cpu[1])
 
 
 @needs_dali
