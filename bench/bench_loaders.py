@@ -8,14 +8,20 @@
 - gpu: rdr_fast's gpu-resident loader, here on the CPU (batched torch ops);
 - dali: rdr_fast's DALI in-memory pipeline, CPU-only, W threads.
 Each loader gets one warm-up epoch (worker start-up, pipeline build), then timed epochs.
+--augment autoaug / autoaug_cutout adds AutoAugment (CIFAR-10 policy) / and Cutout 16
+to every loader: the baseline becomes the authors' recipe (GoodMorningPeter/RDR: PIL
+AutoAugment after the flip, Cutout on the tensor), rdr_fast's loaders take
+ds.train.with_augment(...).
 
 Run:  python bench/bench_loaders.py [--workers 2] [--rounds 5] [--n 10000] [--device cuda]
+      [--augment autoaug_cutout]
       (interleaves the loaders round by round, prints a markdown table), or
       pytest bench/bench_loaders.py --benchmark-only (a cpu and a cuda row per loader)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -23,7 +29,7 @@ import time
 import pytest
 import torch
 
-from rdr_fast.data import LTDataset, TensorImageDataset, class_splits, make_loaders
+from rdr_fast.data import LTDataset, TensorImageDataset, augment, class_splits, make_loaders
 from conftest import CPU_AND_CUDA, SMOKE, rounds
 
 CIFAR_NORM = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
@@ -48,8 +54,11 @@ class PILCifar(torch.utils.data.Dataset):
         from torchvision import transforms as T
         self.hwc = ds.train.images.permute(0, 2, 3, 1).contiguous().numpy()
         self.labels = ds.train.targets.numpy()
-        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
-                                    T.ToTensor(), T.Normalize(*CIFAR_NORM)])
+        fmt = ds.train.image_format
+        auto = [T.AutoAugment(T.AutoAugmentPolicy.CIFAR10, fill=augment.FILL)] if fmt.autoaugment != "none" else []
+        cut = [augment.Cutout(fmt.cutout)] if fmt.cutout else []
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *auto,
+                                    T.ToTensor(), *cut, T.Normalize(*CIFAR_NORM)])
 
     def __len__(self):
         return len(self.labels)
@@ -128,6 +137,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default=None, help="where batches land, e.g. cuda (default: CPU)")
+    parser.add_argument("--augment", default="basic", choices=("basic", "autoaug", "autoaug_cutout"))
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads of this process (the gpu loader on the CPU "
                              "runs small ops that lose to thread contention on a busy machine)")
@@ -135,6 +145,7 @@ def main(argv=None):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     ds = cifar_like(args.n)
+    ds = dataclasses.replace(ds, train=ds.train.with_augment(args.augment))
     kinds = [k for k in KINDS if available(k)]
     loaders = {k: build(k, ds, args.workers, args.batch, args.device) for k in kinds}
     load_before = os.getloadavg()
@@ -149,7 +160,8 @@ def main(argv=None):
     load_after = os.getloadavg()
     base = args.n / min(times["torchvision"])
     print(f"{args.n} images 3x32x32, batch {args.batch}, {args.workers} workers/threads, "
-          f"{args.rounds} timed epochs each (interleaved); device {args.device or 'cpu'}; "
+          f"{args.rounds} timed epochs each (interleaved); augment {args.augment}; "
+          f"device {args.device or 'cpu'}; "
           f"torch threads {torch.get_num_threads()}; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     print("\n| loader | best img/s | median img/s | best vs torchvision |\n|---|---|---|---|")

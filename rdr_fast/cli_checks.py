@@ -194,6 +194,19 @@ def _loader_fits(cfg) -> str | None:
     return None
 
 
+def _augment_fits(cfg) -> str | None:
+    """AutoAugment needs 8-bit images with a basic augmentation, and DALI's takes RGB only."""
+    if cfg.augment in (None, "basic"):
+        return None
+    if cfg.dataset == "digits_lt":
+        return (f"--augment {cfg.augment}: digits_lt's 8x8 images (values 0..16) have no train "
+                "augmentation to build on; use --augment basic")
+    if cfg.loader == "dali" and cfg.dataset in GRAYSCALE:
+        return (f"--augment {cfg.augment} with --loader dali: DALI's AutoAugment takes RGB images "
+                f"and {cfg.dataset} is grayscale; use --loader gpu or torch")
+    return None
+
+
 def _device_exists(cfg) -> str | None:
     try:
         device = torch.device(cfg.device)
@@ -311,7 +324,7 @@ def _export_usable(cfg) -> str | None:
 
 SETUP_CHECKS = (_model_fits_dataset, _warmup_ends, _workers_fit, _data_source, _loader_fits, _device_exists,
                 _precision_supported, _compile_possible, _pretrained_fits, _files_exist, _out_usable,
-                _export_usable)
+                _export_usable, _augment_fits)
 
 
 def check_setup(cfg) -> None:

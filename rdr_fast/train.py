@@ -74,6 +74,7 @@ class Config:
     eval_every: int = 1               # evaluate every N epochs (and always at the end)
     num_workers: int = 0
     loader: str = "auto"              # auto | torch | dali | gpu (rdr_fast.data.make_loaders)
+    augment: str | None = None  # basic | autoaug | autoaug_cutout; default: the recipe's
     out: str | None = None            # default runs/<dataset>-<method>-<timestamp>
     resume: str | None = None         # run folder to continue
     stop_after: int | None = None     # stop after this many epochs of this invocation (resume later)
@@ -82,7 +83,8 @@ class Config:
 
 
 CHOICES = {"dataset": DATASETS, "model": tuple(MODELS), "loss": ("ce", "focal", "la"),
-           "reweight": ("none", "inv_freq", "cb", "rdr"), "loader": LOADERS, "sam": VARIANTS}
+           "reweight": ("none", "inv_freq", "cb", "rdr"), "loader": LOADERS, "sam": VARIANTS,
+           "augment": ("basic", "autoaug", "autoaug_cutout")}
 # What a checkpoint must agree on to be resumed by this configuration.
 IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed", "sam")
 
@@ -367,7 +369,8 @@ def run(cfg: Config) -> dict:
                               quiet=cfg.quiet or not ctx.is_main)
     torch.manual_seed(cfg.seed + ctx.rank)
     ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor,
-                      noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download)
+                      noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download,
+                      augment=cfg.augment or "basic")
     try:
         train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
                                                  loader=cfg.loader, device=cfg.device, shard_id=ctx.rank,

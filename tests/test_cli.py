@@ -106,6 +106,7 @@ ROWS = [
     ("argparse", "--reweight bogus", "--reweight"),
     ("argparse", "--sam adam", "--sam"),
     ("argparse", "--loader fast", "--loader"),
+    ("argparse", "--augment randaug", "--augment"),
     ("argparse", "--bogus-flag", "--bogus-flag"),
     ("argparse", "--epochs", "--epochs"),
     # flags that contradict the dataset or each other
@@ -116,6 +117,8 @@ ROWS = [
     ("combination", "--data-root {tmp}/data", "--data-root"),
     ("combination", "--dataset imagenet_lt --data-root {tmp}/data --loader gpu", "--loader"),
     ("combination", "--loader gpu --num-workers 2", "--loader --num-workers"),
+    ("combination", "--augment autoaug", "--augment"),
+    ("combination", "--dataset fmnist_lt --loader dali --augment autoaug_cutout", "--augment --loader"),
     ("combination", "--resume {tmp}/run --out {tmp}/elsewhere", "--out --resume"),
     ("combination", "--warmup-epochs 500 --epochs 2", "--warmup-epochs --epochs"),
     ("combination", "--warmup-epochs 3 --epochs 3 --reweight cb", "--warmup-epochs --epochs"),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import augment
 from .image_format import ImageFormat
 
 
@@ -150,13 +151,17 @@ class TensorImageDataset(torch.utils.data.Dataset):
     targets / clean_targets: int64 [N] (they differ only where label noise flipped).
     Item i: ((images[i] / scale - mean) / std as float32 [C, H, W], int label).
     pad > 0 enables RandomCrop(H, padding=pad) with zero fill, as torchvision does
-    before normalising; flip enables RandomHorizontalFlip(0.5). Augmentation draws from
-    torch's global RNG (per-worker seeded by the DataLoader when num_workers > 0).
+    before normalising; flip enables RandomHorizontalFlip(0.5); then autoaugment (a
+    policy name) and cutout (a hole side) as rdr_fast.data.augment applies them.
     `image_format` records all of this for the loaders (augment "crop_flip" when pad or flip).
+    Item i draws its augmentation from torch's global RNG (per-worker seeded by the
+    DataLoader when num_workers > 0); item (i, draws), what the torch loader asks for
+    when the format has AutoAugment or Cutout, takes them from one position of a
+    sampling plan (rdr_fast.data.sampling.Plan.draws_at).
     """
 
     def __init__(self, images, targets, mean, std, *, scale=255.0, pad=0, flip=False,
-                 clean_targets=None):
+                 autoaugment="none", cutout=0, clean_targets=None):
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         self.images = images
@@ -166,8 +171,16 @@ class TensorImageDataset(torch.utils.data.Dataset):
         self.image_format = ImageFormat(kind="tensor", size=tuple(images.shape[-2:]),
                               channels=images.shape[1], mean=tuple(mean), std=tuple(std),
                               scale=float(scale), augment="crop_flip" if pad or flip else "none",
-                              pad=int(pad), flip=bool(flip))
+                              pad=int(pad), flip=bool(flip), autoaugment=autoaugment,
+                              cutout=int(cutout))
         self._a, self._b = self.image_format.affine()
+
+    def with_augment(self, augment: str) -> "TensorImageDataset":
+        """The same images and labels with load_dataset's `augment` (ImageFormat.with_augment)."""
+        fmt = self.image_format.with_augment(augment)
+        return TensorImageDataset(self.images, self.targets, self.mean, self.std, scale=self.scale,
+                                  pad=self.pad, flip=self.flip, autoaugment=fmt.autoaugment,
+                                  cutout=fmt.cutout, clean_targets=self.clean_targets)
 
     def without_augmentation(self) -> "TensorImageDataset":
         """The same images and labels, items only normalised (what analysis reads)."""
@@ -184,15 +197,30 @@ class TensorImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, i):
+    def _draw(self) -> dict:
+        """One item's draws from torch's global RNG, in the order the crop-and-flip items
+        always drew them (crop offsets, flip), then AutoAugment's and Cutout's."""
+        draws = {}
+        if self.pad:
+            draws["top"], draws["left"] = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+        if self.flip:
+            draws["flip"] = bool(torch.rand(()) < 0.5)
+        if augment.needs_draws(self.image_format):
+            draws.update(augment.draw(self.image_format, 1))
+        return draws
+
+    def __getitem__(self, key):
+        i, draws = key if isinstance(key, tuple) else (key, self._draw())
         img = self.images[i]
         if self.pad:
             h, w = img.shape[-2:]
             img = F.pad(img, (self.pad,) * 4)          # zero fill, like torchvision's default
-            top, left = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            top, left = draws["top"], draws["left"]
             img = img[:, top:top + h, left:left + w]
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and draws["flip"]:
             img = img.flip(-1)
+        if augment.needs_draws(self.image_format):
+            img = augment.apply(img[None], self.image_format, draws)[0]
         return img.float() * self._a + self._b, int(self.targets[i])
 
 

@@ -18,6 +18,19 @@ DALIFileLoader: kind "files" (ImageNet-LT, Places-LT) through readers.file with
   are pure in (seed, epoch) too; LastBatchPolicy.PARTIAL with pad_last_batch=True:
   every image counts exactly once and the last batch is short.
 
+AutoAugment and Cutout (ImageFormat.autoaugment / cutout) come after the basic
+augmentation, on HWC uint8: nvidia.dali.auto_aug.auto_augment with DALI's closest
+policy (DALI_POLICIES: "reduced_cifar10" for torchvision's "cifar10", whose sub-policies
+it shares but with 11 magnitude bins, unsigned colour factors in [0.1, 1.9], and
+Solarize alone where torchvision pairs it with Invert; DALI's "image_net" has
+other sub-policies than torchvision's ImageNet table), mid-grey fill, translations up to
+TRANSLATE_REL of the side as in torchvision; then fn.erase with centred anchors, which clips
+the box at the borders as Cutout does. The in-memory loader takes the Cutout centres
+from the plan (the same holes as the torch and gpu loaders) and, with AutoAugment,
+rebuilds its pipeline each pass with a seed derived from (seed, epoch), so DALI's own
+AutoAugment draws are pure in (seed, epoch) too; DALI's AutoAugment takes 3-channel
+images only (1-channel input corrupts memory in DALI 2.4), so grayscale sets are refused.
+
 Without a GPU (or with a CPU device) the pipelines are CPU-only (device_id=None); on a
 CUDA device the JPEGs are decoded with device="mixed" (nvJPEG / nvImageCodec) and the
 augmentation runs on the GPU. Known deviations from torchvision for the JPEG path:
@@ -31,8 +44,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import augment
 from .sampling import EpochLoader
 from .image_format import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT
+
+# torchvision's AutoAugment policy -> DALI's nearest (DALI has no plain CIFAR-10 policy).
+DALI_POLICIES = {"cifar10": "reduced_cifar10", "imagenet": "image_net", "svhn": "svhn"}
+TRANSLATE_REL = 150 / 331   # torchvision's largest AutoAugment shift, a fraction of the side
 
 INSTALL_HINT = ('pip install "rdr_fast[dali]" (the nvidia-dali-cuda130 wheel; '
                 'nvidia-dali-cuda120 for CUDA 12 drivers)')
@@ -65,6 +83,29 @@ def dali_available() -> bool:
 def raw_mean_std(fmt):
     """The image format's mean and std on raw pixel values, where crop_mirror_normalize works."""
     return [m * fmt.scale for m in fmt.mean], [s * fmt.scale for s in fmt.std]
+
+
+def check_autoaugment(fmt) -> None:
+    """ValueError naming the loader where DALI cannot run the format's AutoAugment."""
+    if fmt.autoaugment != "none" and fmt.channels != 3:
+        raise ValueError(f"loader 'dali' cannot apply AutoAugment to {fmt.channels}-channel images "
+                         "(DALI's auto_augment takes RGB only): use loader 'gpu' or 'torch'")
+
+
+def autoaugment_and_cutout(x, fmt, centre):
+    """DALI graph: HWC uint8 `x` -> AutoAugment (if fmt.autoaugment), then Cutout (if
+    fmt.cutout) around `centre` (float [2]: y, x per sample)."""
+    from nvidia.dali import fn
+    from nvidia.dali.auto_aug import auto_augment
+    if fmt.autoaugment != "none":
+        x = auto_augment.auto_augment(x, policy_name=DALI_POLICIES[fmt.autoaugment],
+                                      shape=list(fmt.size), max_translate_rel=TRANSLATE_REL,
+                                      fill_value=augment.FILL)
+    side = 2 * (fmt.cutout // 2)          # Cutout's box is [c - L//2, c + L//2)
+    if side:
+        x = fn.erase(x, anchor=centre, shape=[float(side)] * 2, axis_names="HW",
+                     centered_anchor=True, fill_value=0)
+    return x
 
 
 def _device_id(device):
@@ -101,9 +142,15 @@ class DALIArrayLoader(_DALILoader):
     def __init__(self, dataset, batch_size, *, seed=0, train=True, device=None, num_threads=2,
                  shard_id=0, num_shards=1):
         fmt = dataset.image_format
+        if train:
+            check_autoaugment(fmt)
         super().__init__(len(dataset), batch_size, seed=seed, train=train, device=device,
                          num_threads=num_threads, pad=fmt.pad, flip=fmt.flip,
-                         shard_id=shard_id, num_shards=num_shards)
+                         augment_draws=augment.plan_draws(fmt), shard_id=shard_id,
+                         num_shards=num_shards)
+        self.fmt = fmt
+        self.extra = train and augment.needs_draws(fmt)       # AutoAugment / Cutout stage
+        self.reseed_each_pass = train and fmt.autoaugment != "none"
         images = dataset.images
         self.height, self.width = fmt.size
         if self.pad:
@@ -120,8 +167,9 @@ class DALIArrayLoader(_DALILoader):
         span = 2 * self.pad
         pos = (lambda t: (t.numpy() / span).astype(np.float32)) if span else \
             (lambda t: np.full(len(t), 0.5, dtype=np.float32))
+        centre = plan.draws.get("cutout", torch.zeros(len(plan.idx), 2)).numpy().astype(np.float32)
         return dict(idx=plan.idx.numpy(), y=pos(plan.top), x=pos(plan.left),
-                    mirror=plan.flip.numpy().astype(np.int32), steps=plan.steps)
+                    mirror=plan.flip.numpy().astype(np.int32), centre=centre, steps=plan.steps)
 
     def _source(self, info):
         """external_source callback: batch `info.iteration` of DALI epoch `info.epoch_idx`."""
@@ -131,26 +179,31 @@ class DALIArrayLoader(_DALILoader):
         lo, hi = feed["steps"][info.iteration]
         idx = feed["idx"][lo:hi]
         return (self.images[idx], self.targets[idx], feed["y"][lo:hi], feed["x"][lo:hi],
-                feed["mirror"][lo:hi])
+                feed["mirror"][lo:hi], feed["centre"][lo:hi])
 
-    def _build(self):
+    def _build(self, epoch):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        @pipeline_def
+        @pipeline_def(enable_conditionals=self.extra)
         def graph():
-            x, y, pos_y, pos_x, mirror = fn.external_source(
-                source=self._source, num_outputs=5, batch=True, batch_info=True,
-                layout=["CHW", "", "", "", ""])
+            x, y, pos_y, pos_x, mirror, centre = fn.external_source(
+                source=self._source, num_outputs=6, batch=True, batch_info=True,
+                layout=["CHW", "", "", "", "", ""])
             if self.on_gpu:
-                x, y = x.gpu(), y.gpu()
-            x = fn.crop_mirror_normalize(x, crop=(self.height, self.width), crop_pos_x=pos_x,
-                                         crop_pos_y=pos_y, mirror=mirror, mean=self.mean,
-                                         std=self.std, dtype=types.FLOAT, output_layout="CHW")
+                x, y = x.gpu(), y.gpu()           # centre stays an argument input (CPU)
+            crop = dict(crop=(self.height, self.width), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                        mirror=mirror)
+            if self.extra:      # crop + flip to HWC uint8, AutoAugment / Cutout, normalise
+                x = fn.crop_mirror_normalize(x, **crop, dtype=types.UINT8, output_layout="HWC")
+                x = autoaugment_and_cutout(x, self.fmt, centre)
+                crop = {}
+            x = fn.crop_mirror_normalize(x, **crop, mean=self.mean, std=self.std,
+                                         dtype=types.FLOAT, output_layout="CHW")
             return x, y
 
         self._pipe = graph(batch_size=self.max_batch, num_threads=self.num_threads,
-                           device_id=self.device_id, seed=_pipeline_seed(self.seed, 0, self.shard_id),
+                           device_id=self.device_id, seed=_pipeline_seed(self.seed, epoch, self.shard_id),
                            prefetch_queue_depth=2)
         self._pipe.build()
         self._iter = DALIGenericIterator([self._pipe], ["x", "y"], auto_reset=False,
@@ -158,10 +211,13 @@ class DALIArrayLoader(_DALILoader):
         self._feeds, self._dali_epoch, self._clean = {}, -1, True
 
     def __iter__(self):
+        epoch = self.epoch
         plan = self.next_plan()
-        if self._iter is None or not self._clean:
-            self._iter = self._pipe = None       # abandoned mid-pass: start afresh
-            self._build()
+        # Abandoned mid-pass: start afresh. With AutoAugment, every pass: DALI's own draws
+        # then come from this epoch's seed, not from how many passes ran before.
+        if self._iter is None or not self._clean or self.reseed_each_pass:
+            self._iter = self._pipe = None
+            self._build(epoch)
         self._clean = False
         # The feed must be registered before the pipeline prefetches this pass, i.e.
         # before the reset that starts DALI's next epoch (the first pass needs none).
@@ -187,6 +243,9 @@ class DALIFileLoader(_DALILoader):
                              f"by num_shards ({num_shards}) so that every shard's reader "
                              "batches line up with the global batches")
         self.augment = train and fmt.augment == "resized_crop_flip_jitter"
+        if self.augment:
+            check_autoaugment(fmt)
+        self.fmt = fmt
         self.paths = list(dataset.paths)
         self.targets = dataset.targets.numpy().astype(np.int64)
         self.size, self.resize_shorter = fmt.size, fmt.resize_shorter
@@ -194,10 +253,11 @@ class DALIFileLoader(_DALILoader):
 
     def _pipeline(self, files, labels, seed):
         from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import math as dmath
         decode_dev = "mixed" if self.on_gpu else "cpu"
         size = self.size
 
-        @pipeline_def
+        @pipeline_def(enable_conditionals=self.augment and augment.needs_draws(self.fmt))
         def graph():
             jpegs, y = fn.readers.file(files=files, labels=labels, random_shuffle=False,
                                        pad_last_batch=True, name="Reader")
@@ -211,6 +271,10 @@ class DALIFileLoader(_DALILoader):
                 img = fn.color_twist(img, brightness=fn.random.uniform(**jitter),
                                      contrast=fn.random.uniform(**jitter),
                                      saturation=fn.random.uniform(**jitter))
+                if augment.needs_draws(self.fmt):
+                    centre = fn.stack(*(dmath.floor(fn.random.uniform(range=[0, side]))
+                                        for side in size))
+                    img = autoaugment_and_cutout(img, self.fmt, centre)
                 x = fn.crop_mirror_normalize(img, mirror=fn.random.coin_flip(probability=0.5),
                                              mean=self.mean, std=self.std, dtype=types.FLOAT,
                                              output_layout="CHW")

@@ -42,6 +42,8 @@ def resolve_loader(ds, loader: str = "auto", device=None) -> str:
     if loader == "dali" and kind is None:
         raise ValueError(f"loader 'dali' needs an ImageFormat on the dataset (ds.train.image_format); "
                          f"{ds.name} has none: use 'torch'")
+    if loader == "dali":
+        dali_loader.check_autoaugment(ds.train.image_format)
     return loader
 
 
@@ -68,9 +70,12 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
     Every loader takes its transforms from the splits' ImageFormat (ds.train.image_format,
     ds.test.image_format: zero-padded random crop + flip p=0.5 for the in-memory sets,
     random-resized crop + flip + colour jitter for the JPEG sets; the format's mean/std;
-    deterministic test transforms) and shares the epoch order; train batches are not dropped (the last one is partial). The torch loader
+    deterministic test transforms; then AutoAugment / Cutout where the train format has
+    them, see rdr_fast.data.augment) and shares the epoch order; train batches are not dropped (the last one is partial). The torch loader
     draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
-    workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).
+    workers, from a Generator seeded by `seed` (in-memory sets with AutoAugment or Cutout:
+    from the plan of (seed, epoch), whatever num_workers); gpu and dali draw it from
+    (seed, epoch).
     """
     check_shard(shard_id, num_shards)
     kind = resolve_loader(ds, loader, device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import augment
 from .sampling import EpochLoader
 
 
@@ -15,15 +16,20 @@ class GPUResidentLoader(EpochLoader):
     Train, augment "crop_flip": zero padding by fmt.pad (done once), per-image integer
     crop offsets in 0..2*pad and horizontal flips (if fmt.flip) as one gather per
     batch, then float and normalise ((x / scale - mean) / std) — torchvision's
-    RandomCrop(H, padding=pad) + RandomHorizontalFlip() + Normalize. Test: normalise
-    only. No per-sample Python; one small plan transfer per epoch.
+    RandomCrop(H, padding=pad) + RandomHorizontalFlip() + Normalize. With fmt.autoaugment
+    or fmt.cutout, rdr_fast.data.augment then transforms each batch on the device with
+    the plan's draws (one op call per distinct (op, magnitude) in the batch, a Python
+    loop over its samples to group them), as the torch loader's items do one at a time.
+    Test: normalise only. One small plan transfer per epoch.
     """
 
     def __init__(self, dataset, batch_size, *, seed=0, train=True, device="cpu",
                  shard_id=0, num_shards=1):
         fmt = dataset.image_format
         super().__init__(len(dataset), batch_size, seed=seed, train=train, pad=fmt.pad,
-                         flip=fmt.flip, shard_id=shard_id, num_shards=num_shards)
+                         flip=fmt.flip, augment_draws=augment.plan_draws(fmt),
+                         shard_id=shard_id, num_shards=num_shards)
+        self.fmt = fmt
         self.device = torch.device(device)
         images = dataset.images.to(self.device)
         self.channels, self.height, self.width = images.shape[1:]
@@ -48,8 +54,8 @@ class GPUResidentLoader(EpochLoader):
         plan = self.next_plan()
         dev = self.device
         idx = plan.idx.to(dev, non_blocking=True)
-        augment = self.train and (self.pad or self.flip)
-        if augment:
+        crop_flip = self.train and (self.pad or self.flip)
+        if crop_flip:
             top, left, flip = (t.to(dev, non_blocking=True) for t in (plan.top, plan.left, plan.flip))
         for lo, hi in plan.steps:
             if self.train:
@@ -59,6 +65,8 @@ class GPUResidentLoader(EpochLoader):
             else:                                   # test: contiguous, no copy before float
                 s, e = int(plan.idx[lo]), int(plan.idx[hi - 1]) + 1
                 x, y = self.images[s:e], self.targets[s:e]
-            if augment:
+            if crop_flip:
                 x = self._augment(x, top[lo:hi], left[lo:hi], flip[lo:hi])
+            if plan.draws:
+                x = augment.apply(x, self.fmt, {k: t[lo:hi] for k, t in plan.draws.items()})
             yield torch.addcmul(self.b, x.float(), self.a), y

@@ -7,12 +7,16 @@ benchmark.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 KINDS = ("tensor", "files")
 AUGMENTATIONS = ("none", "crop_flip", "resized_crop_flip_jitter")
+AUTOAUGMENT_POLICIES = ("none", "cifar10", "imagenet", "svhn")   # torchvision's AutoAugmentPolicy
+# load_dataset's `augment`: the basic augmentation alone, + AutoAugment, + Cutout.
+AUGMENTS = ("basic", "autoaug", "autoaug_cutout")
 
 # "resized_crop_flip_jitter", as in the OLTR recipe: torchvision's RandomResizedCrop
 # defaults and ColorJitter(brightness, contrast, saturation) of this strength.
@@ -41,6 +45,12 @@ class ImageFormat:
         RESIZED_CROP_AREA, aspect RESIZED_CROP_ASPECT), a horizontal flip with p=0.5,
         ColorJitter(COLOR_JITTER, COLOR_JITTER, COLOR_JITTER).
     pad, flip: the parameters of "crop_flip" (0 and False for any other augment).
+    autoaugment: "none", or an AutoAugment policy of torchvision ("cifar10", "imagenet",
+      "svhn") applied after `augment` on the uint8 image (rdr_fast.data.augment).
+    cutout: 0, or the side L of one Cutout hole applied after AutoAugment: the box
+      [y - L//2, y + L//2) x [x - L//2, x + L//2) around a uniform centre, clipped at the
+      borders, raw pixels set to 0.
+    Both need an `augment` other than "none" and 8-bit pixels (scale 255).
     """
     kind: str
     size: tuple[int, int]
@@ -51,6 +61,8 @@ class ImageFormat:
     augment: str = "none"
     pad: int = 0
     flip: bool = False
+    autoaugment: str = "none"
+    cutout: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -66,9 +78,33 @@ class ImageFormat:
         if (self.pad or self.flip) and self.augment != "crop_flip":
             raise ValueError(f"pad and flip belong to augment 'crop_flip', got pad={self.pad}, "
                              f"flip={self.flip} with augment {self.augment!r}")
+        if self.autoaugment not in AUTOAUGMENT_POLICIES:
+            raise ValueError(f"autoaugment must be one of {', '.join(AUTOAUGMENT_POLICIES)}, "
+                             f"got {self.autoaugment!r}")
+        if not 0 <= self.cutout <= min(self.size):
+            raise ValueError(f"cutout must be in [0, {min(self.size)}] (the image side), got {self.cutout}")
+        if (self.autoaugment != "none" or self.cutout) and (self.augment == "none" or self.scale != 255):
+            raise ValueError(f"autoaugment and cutout build on a train augmentation of 8-bit images; "
+                             f"got augment {self.augment!r} with scale {self.scale:g}")
         if not len(self.mean) == len(self.std) == self.channels:
             raise ValueError(f"mean and std need one value per channel ({self.channels}), got "
                              f"mean={self.mean}, std={self.std}")
+
+    def with_augment(self, augment: str) -> "ImageFormat":
+        """This train format with load_dataset's `augment` (AUGMENTS) on top of its basic
+        augmentation: "basic" changes nothing; "autoaug" adds AutoAugment with the CIFAR-10
+        policy for in-memory images, the ImageNet policy for image files; "autoaug_cutout"
+        adds one Cutout hole of half the shorter side (16 for 32x32, 14 for 28x28)."""
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+        if augment == "basic":
+            return self
+        if self.augment == "none" or self.scale != 255:
+            raise ValueError(f"augment={augment!r} needs a train augmentation of 8-bit images to "
+                             f"build on; these images have augment {self.augment!r} and values "
+                             f"0..{self.scale:g}: use augment='basic'")
+        return dataclasses.replace(self, autoaugment="cifar10" if self.kind == "tensor" else "imagenet",
+                                   cutout=min(self.size) // 2 if augment == "autoaug_cutout" else 0)
 
     @property
     def resize_shorter(self) -> int:

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import torch
 
+from . import augment
 from .common import DataNotFoundError, LTDataset, class_splits, fix_hint, noisy_counts
 from .image_format import COLOR_JITTER, RESIZED_CROP_AREA, RESIZED_CROP_ASPECT, ImageFormat
 
@@ -37,8 +38,13 @@ class ListImageDataset(torch.utils.data.Dataset):
 
     def without_augmentation(self) -> "ListImageDataset":
         """The same files and labels with the test transform (resize, centre crop)."""
-        fmt = dataclasses.replace(self.image_format, augment="none")
+        fmt = dataclasses.replace(self.image_format, augment="none", autoaugment="none", cutout=0)
         return ListImageDataset(self.paths, self.targets, fmt, self.clean_targets)
+
+    def with_augment(self, augment: str) -> "ListImageDataset":
+        """The same files and labels with load_dataset's `augment` (ImageFormat.with_augment)."""
+        return ListImageDataset(self.paths, self.targets, self.image_format.with_augment(augment),
+                                self.clean_targets)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -86,14 +92,19 @@ def image_format(image_size: int, train: bool) -> ImageFormat:
 
 def torchvision_transform(fmt: ImageFormat):
     """The torch path's transform for a files format; Resize keeps the 256/224 ratio when
-    the crop is not 224."""
+    the crop is not 224. AutoAugment runs on the PIL image after the jitter, Cutout on
+    the [0, 1] tensor before Normalize (so the hole is black), as GoodMorningPeter/RDR
+    orders them."""
     from torchvision import transforms as T
     norm = T.Normalize(fmt.mean, fmt.std)
     if fmt.augment == "resized_crop_flip_jitter":
+        auto = ([T.AutoAugment(T.AutoAugmentPolicy(fmt.autoaugment), fill=augment.FILL)]
+                if fmt.autoaugment != "none" else [])
+        cut = [augment.Cutout(fmt.cutout)] if fmt.cutout else []
         return T.Compose([T.RandomResizedCrop(fmt.size, scale=RESIZED_CROP_AREA,
                                               ratio=RESIZED_CROP_ASPECT),
                           T.RandomHorizontalFlip(), T.ColorJitter(*(COLOR_JITTER,) * 3),
-                          T.ToTensor(), norm])
+                          *auto, T.ToTensor(), *cut, norm])
     return T.Compose([T.Resize(fmt.resize_shorter), T.CenterCrop(fmt.size), T.ToTensor(), norm])
 
 

@@ -9,7 +9,11 @@ The sample order of epoch e is the torch loader's: randperm(N) from a Generator 
 with seed * 1_000_003 + e. The gpu and DALI in-memory loaders also draw their crop
 offsets and flips from that generator (after the permutation), per position in the
 epoch, so for a given (seed, epoch) they produce the same batches (bit for bit up to
-float rounding of the normalisation), on any device and any number of shards.
+float rounding of the normalisation), on any device and any number of shards. A format
+with AutoAugment or Cutout adds that augmentation's draws (rdr_fast.data.augment.draw)
+after the flips; the torch loader then serves its items from the plan too, so those
+three loaders agree on the crops, flips and Cutout holes, and the torch and gpu
+loaders on the AutoAugment ops as well.
 
 Sharding (shard_id / num_shards, the convention of rdr_fast.distributed): batch_size
 is the global batch; global batch t is perm[t*B:(t+1)*B] and shard r takes its
@@ -69,14 +73,23 @@ def check_shard(shard_id: int, num_shards: int) -> None:
 
 class Plan:
     """One pass of one shard: sample indices in visiting order plus, per sample, the
-    crop offsets (top, left in 0..2*pad) and the flip flag; steps[k] = (lo, hi) into
-    those arrays. All CPU tensors (int64, bool)."""
+    crop offsets (top, left in 0..2*pad), the flip flag and `draws` (a dict of the
+    augmentation's further per-sample tensors, leading dim = len(idx)); steps[k] =
+    (lo, hi) into those arrays. All CPU tensors (int64, bool)."""
 
-    def __init__(self, idx, top, left, flip, steps):
+    def __init__(self, idx, top, left, flip, steps, draws=None):
         self.idx, self.top, self.left, self.flip, self.steps = idx, top, left, flip, steps
+        self.draws = draws or {}
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def draws_at(self, k: int) -> dict:
+        """Position k's draws as plain Python values (what a DataLoader worker receives):
+        top, left, flip and each entry of `draws` as a one-sample list."""
+        out = dict(top=int(self.top[k]), left=int(self.left[k]), flip=bool(self.flip[k]))
+        out.update({name: t[k:k + 1].tolist() for name, t in self.draws.items()})
+        return out
 
 
 def train_steps(n: int, batch_size: int, shard_id: int = 0, num_shards: int = 1) -> list:
@@ -91,15 +104,18 @@ def train_steps(n: int, batch_size: int, shard_id: int = 0, num_shards: int = 1)
     return steps
 
 
-def train_plan(n, batch_size, seed, epoch, *, pad=0, flip=False, shard_id=0, num_shards=1) -> Plan:
+def train_plan(n, batch_size, seed, epoch, *, pad=0, flip=False, augment_draws=None,
+               shard_id=0, num_shards=1) -> Plan:
     """Epoch `epoch` of this shard: the epoch generator's permutation, then per position
-    its crop offsets in 0..2*pad and its flip, drawn in that order for all n positions
-    (so every shard and device sees the same draws)."""
+    its crop offsets in 0..2*pad and its flip, then augment_draws(n, generator) (a dict
+    of per-position tensors) if given, drawn in that order for all n positions (so
+    every shard and device sees the same draws)."""
     g = epoch_generator(seed, epoch)
     perm = torch.randperm(n, generator=g)            # == SeededShuffleSampler's order
     offsets = (torch.randint(0, 2 * pad + 1, (n, 2), generator=g) if pad
                else torch.full((n, 2), 0, dtype=torch.int64))
     flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    draws = augment_draws(n, g) if augment_draws else {}
     steps = train_steps(n, batch_size, shard_id, num_shards)
     if num_shards == 1:
         rows, local = torch.arange(n), steps
@@ -109,7 +125,8 @@ def train_plan(n, batch_size, seed, epoch, *, pad=0, flip=False, shard_id=0, num
         sizes = [hi - lo for lo, hi in steps]
         ends = np.cumsum(sizes).tolist()
         local = [(e - s, e) for s, e in zip(sizes, ends)]
-    return Plan(perm[rows], offsets[rows, 0], offsets[rows, 1], flips[rows], local)
+    return Plan(perm[rows], offsets[rows, 0], offsets[rows, 1], flips[rows], local,
+                {name: t[rows] for name, t in draws.items()})
 
 
 def test_plan(n, batch_size, *, shard_id=0, num_shards=1) -> Plan:
@@ -127,10 +144,11 @@ class EpochLoader:
     sharded batch sampler. Train passes follow train_plan, test passes test_plan."""
 
     def __init__(self, n, batch_size, *, seed=0, train=True, pad=0, flip=False,
-                 shard_id=0, num_shards=1):
+                 augment_draws=None, shard_id=0, num_shards=1):
         check_shard(shard_id, num_shards)
         self.n, self.batch_size, self.seed, self.train = n, int(batch_size), int(seed), train
         self.pad, self.flip = (int(pad), bool(flip)) if train else (0, False)
+        self.augment_draws = augment_draws if train else None
         self.shard_id, self.num_shards = shard_id, num_shards
         self.epoch = 0
 
@@ -143,7 +161,7 @@ class EpochLoader:
                              num_shards=self.num_shards)
         return train_plan(self.n, self.batch_size, self.seed,
                           self.epoch if epoch is None else epoch, pad=self.pad, flip=self.flip,
-                          shard_id=self.shard_id, num_shards=self.num_shards)
+                          augment_draws=self.augment_draws, shard_id=self.shard_id, num_shards=self.num_shards)
 
     def next_plan(self) -> Plan:
         """The plan of the pass that starts now; a train loader then moves to the next epoch."""

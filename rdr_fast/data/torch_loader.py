@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import augment
 from .sampling import EpochLoader, SeededShuffleSampler
 
 
@@ -30,10 +31,12 @@ class TorchLoader(torch.utils.data.DataLoader):
 
 
 class ShardBatchSampler(torch.utils.data.Sampler):
-    """Batches of train_plan / test_plan as index lists (the torch loader's sharded path)."""
+    """Batches of train_plan / test_plan as index lists (the torch loader's sharded path),
+    or with with_draws as lists of (index, that position's draws) items, which a
+    TensorImageDataset augments with the plan's draws instead of its own."""
 
-    def __init__(self, plan_source: EpochLoader):
-        self.src = plan_source
+    def __init__(self, plan_source: EpochLoader, with_draws: bool = False):
+        self.src, self.with_draws = plan_source, with_draws
 
     def set_epoch(self, epoch: int) -> None:
         self.src.set_epoch(epoch)
@@ -44,23 +47,33 @@ class ShardBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         plan = self.src.next_plan()
         for lo, hi in plan.steps:
-            yield plan.idx[lo:hi].tolist()
+            if self.with_draws:
+                yield [(int(plan.idx[k]), plan.draws_at(k)) for k in range(lo, hi)]
+            else:
+                yield plan.idx[lo:hi].tolist()
 
 
 def torch_loaders(ds, batch_size, *, seed, num_workers, device, shard_id, num_shards):
     """(train, test) TorchLoaders; one shard (the usual case) keeps DataLoader's own
-    batching over a SeededShuffleSampler, several shards batch by the sampling plans."""
+    batching over a SeededShuffleSampler, several shards batch by the sampling plans. An
+    in-memory train set with AutoAugment or Cutout is always served by its plan, every
+    item with the plan's draws: its batches are then a function of (seed, epoch) alone,
+    whatever num_workers, and equal the gpu loader's."""
     common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=num_workers > 0, device=device)
     gen = torch.Generator().manual_seed(seed)
-    if num_shards == 1:
+    fmt = getattr(ds.train, "image_format", None)
+    planned = fmt is not None and fmt.kind == "tensor" and augment.needs_draws(fmt)
+    if num_shards == 1 and not planned:
         train = TorchLoader(ds.train, batch_size=batch_size,
                             sampler=SeededShuffleSampler(len(ds.train), seed), drop_last=False,
                             generator=gen, **common)
         test = TorchLoader(ds.test, batch_size=batch_size, shuffle=False, **common)
         return train, test
-    tr = EpochLoader(len(ds.train), batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards)
+    draws = dict(pad=fmt.pad, flip=fmt.flip, augment_draws=augment.plan_draws(fmt)) if planned else {}
+    tr = EpochLoader(len(ds.train), batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, **draws)
     te = EpochLoader(len(ds.test), batch_size, train=False, shard_id=shard_id, num_shards=num_shards)
-    train = TorchLoader(ds.train, batch_sampler=ShardBatchSampler(tr), generator=gen, **common)
+    train = TorchLoader(ds.train, batch_sampler=ShardBatchSampler(tr, with_draws=planned),
+                        generator=gen, **common)
     test = TorchLoader(ds.test, batch_sampler=ShardBatchSampler(te), **common)
     return train, test
