@@ -12,7 +12,7 @@ GRAYSCALE = ("digits_lt", "fmnist_lt")        # 1-channel images
 FILE_LISTS = ("imagenet_lt", "places_lt")     # JPEG files named by OLTR list files; no download
 
 
-def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=0,
+def load_dataset(name, *, data_root=None, imb_factor=100, imb_type="exp", noise_ratio=0.0, seed=0,
                  download=False, train_transform=True, image_root=None,
                  image_size=224) -> LTDataset:
     """Build the LT benchmark `name` (one of DATASETS).
@@ -20,6 +20,8 @@ def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=
     data_root: folder with the files (cifar: defaults to ./data; fmnist: defaults to the
       Debian package's /usr/share/datasets/fashion-mnist; imagenet/places: required).
     imb_factor: n_max / n_min (>= 1), ignored by imagenet_lt / places_lt.
+    imb_type: the long-tail profile, "exp" or LDAM's "step" (rdr_fast.data.long_tail_counts);
+      imagenet_lt / places_lt take their profile from their list files and refuse "step".
     noise_ratio, seed: symmetric label noise after the LT subset; seed also picks the
       LT subset (digits' train/test split is fixed and does not depend on it).
     download: fetch CIFAR / Fashion-MNIST with torchvision into data_root.
@@ -28,15 +30,17 @@ def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=
       default data_root; crops of image_size, default 224).
     """
     kw = dict(noise_ratio=noise_ratio, seed=seed)
+    profile = dict(imb_factor=imb_factor, imb_type=imb_type)
     if name == "digits_lt":
-        return load_digits_lt(imb_factor=imb_factor, **kw)
+        return load_digits_lt(**profile, **kw)
     if name == "fmnist_lt":
-        return load_fmnist_lt(data_root, imb_factor=imb_factor, download=download,
-                              train_transform=train_transform, **kw)
+        return load_fmnist_lt(data_root, download=download, train_transform=train_transform, **profile, **kw)
     if name in ("cifar10_lt", "cifar100_lt"):
-        return load_cifar_lt(name, data_root, imb_factor=imb_factor, download=download,
-                             train_transform=train_transform, **kw)
+        return load_cifar_lt(name, data_root, download=download, train_transform=train_transform, **profile, **kw)
     if name in FILE_LISTS:
+        if imb_type != "exp":
+            raise ValueError(f"imb_type {imb_type!r}: {name}'s long tail is the one its list files give; "
+                             "only the default 'exp' applies to it")
         if download:
             raise DataNotFoundError(f"{name} cannot be downloaded automatically; get the "
                                     "images and OLTR list files, then pass --data-root DIR")
