@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from .data.datasets import FILE_LISTS, GRAYSCALE
+from .data.datasets import BASIC_AUGMENT_ONLY, FILE_LISTS, GRAYSCALE
 from .run_io import CHECKPOINT, RUN_FILES, safetensors_available
 
 RGB_ONLY_MODELS = ("resnet50", "resnet152")     # the ImageNet ResNets take 3 channels
@@ -62,6 +62,8 @@ RANGES = {
     # near float32's 3.4e38, and each batch's weight sits on its single largest sample.
     "temperature": within(0, 10),
     "warmup_epochs": at_least(0),
+    "lr_warmup_epochs": at_least(0),
+    "lr_milestones": at_least(0),               # each of the two; their order and --epochs: _lr_schedule_fits
     "tau": within(-10, 10),                     # τ·log prior beyond ±10 drowns the logits (LA uses τ = 1)
     "focal_gamma": within(0, 10),               # (1 - p)^γ: beyond 10 every fairly learned sample's loss is ~0
     "cb_beta": within(0, 1, high_open=True),
@@ -88,15 +90,30 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_type(annotation: str) -> tuple[str, int]:
+    """(type of each value, number of values) of a Config field's annotation: ("float", 1)
+    for "float | None", ("int", 2) for "tuple[int, int] | None"."""
+    base = annotation.split(" | ")[0]
+    if base.startswith("tuple["):
+        items = base[len("tuple["):-1].split(", ")
+        return items[0], len(items)
+    return base, 1
+
+
+TYPE_TESTS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+
+
 def _type_problem(name: str, value, kind: str) -> str | None:
     """Values from config.json bypass argparse, so their types are checked here too."""
-    base, optional = kind.split(" ")[0], kind.endswith("| None")
+    (base, count), optional = field_type(kind), kind.endswith("| None")
     if value is None:
         return None if optional else f"{flag(name)} needs a value"
-    fits = {"int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-            "bool": isinstance(value, bool), "str": isinstance(value, str)}[base]
-    return None if fits else f"{flag(name)} must be {base}, got {value!r}"
+    if count == 1:
+        return None if TYPE_TESTS[base](value) else f"{flag(name)} must be {base}, got {value!r}"
+    fits = isinstance(value, (list, tuple)) and len(value) == count and all(map(TYPE_TESTS[base], value))
+    return None if fits else f"{flag(name)} must be {count} values of type {base}, got {value!r}"
 
 
 def _value_problem(name: str, value, choices) -> str | None:
@@ -106,10 +123,13 @@ def _value_problem(name: str, value, choices) -> str | None:
         return f"{flag(name)} must be one of {', '.join(choices[name])}, got {value!r}"
     if name not in RANGES:
         return None
-    if not math.isfinite(value):
-        return f"{flag(name)} must be a finite number, got {value}"
     fits, wanted = RANGES[name]
-    return None if fits(value) else f"{flag(name)} must be {wanted}, got {value}"
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if not math.isfinite(v):
+            return f"{flag(name)} must be a finite number, got {v}"
+        if not fits(v):
+            return f"{flag(name)} must be {wanted}, got {v}"
+    return None
 
 
 def check_values(cfg, choices: dict) -> None:
@@ -136,7 +156,34 @@ def _model_fits_dataset(cfg) -> str | None:
 def _warmup_ends(cfg) -> str | None:
     if cfg.reweight != "none" and cfg.warmup_epochs >= cfg.epochs:
         return (f"--warmup-epochs {cfg.warmup_epochs:g} is not below --epochs {cfg.epochs}: "
-                f"--reweight {cfg.reweight} would never weight a sample (default warm-up: 5/200 of the epochs)")
+                f"--reweight {cfg.reweight} would never weight a sample (the recipes' warm-up: "
+                "5/200 of the epochs, official 160/200)")
+    return None
+
+
+def _lr_schedule_fits(cfg) -> str | None:
+    """Milestones in order within the run, and an lr warm-up that ends before the first
+    decay (step) or the run's end (cosine)."""
+    if cfg.lr_schedule == "cosine":
+        if cfg.lr_milestones is not None:
+            return "--lr-milestones applies to --lr-schedule step only; the cosine schedule has none"
+        end, what = cfg.epochs, f"--epochs {cfg.epochs}: the run would end within the warm-up"
+    else:
+        first, second = cfg.lr_milestones
+        if not first <= second <= cfg.epochs:
+            return (f"--lr-milestones {first} {second} must be in order (the first at most the second) "
+                    f"and at most --epochs {cfg.epochs}")
+        end, what = first, (f"the first of --lr-milestones ({first}): the learning rate would drop "
+                            "before its warm-up reached the peak")
+    if cfg.lr_warmup_epochs > 0 and cfg.lr_warmup_epochs >= end:
+        return f"--lr-warmup-epochs {cfg.lr_warmup_epochs:g} is not below {what}"
+    return None
+
+
+def _profile_applies(cfg) -> str | None:
+    if cfg.imb_type != "exp" and cfg.dataset in FILE_LISTS:
+        return (f"--imb-type {cfg.imb_type} does not apply to {cfg.dataset}: its long tail is the one its "
+                "list files give")
     return None
 
 
@@ -198,8 +245,8 @@ def _augment_fits(cfg) -> str | None:
     """AutoAugment needs 8-bit images with a basic augmentation, and DALI's takes RGB only."""
     if cfg.augment in (None, "basic"):
         return None
-    if cfg.dataset == "digits_lt":
-        return (f"--augment {cfg.augment}: digits_lt's 8x8 images (values 0..16) have no train "
+    if cfg.dataset in BASIC_AUGMENT_ONLY:
+        return (f"--augment {cfg.augment}: {cfg.dataset}'s 8x8 images (values 0..16) have no train "
                 "augmentation to build on; use --augment basic")
     if cfg.loader == "dali" and cfg.dataset in GRAYSCALE:
         return (f"--augment {cfg.augment} with --loader dali: DALI's AutoAugment takes RGB images "
@@ -322,7 +369,7 @@ def _export_usable(cfg) -> str | None:
     return f"--export {cfg.export}: {problem}" if problem else None
 
 
-SETUP_CHECKS = (_model_fits_dataset, _warmup_ends, _workers_fit, _data_source, _loader_fits, _device_exists,
+SETUP_CHECKS = (_model_fits_dataset, _warmup_ends, _lr_schedule_fits, _profile_applies, _workers_fit, _data_source, _loader_fits, _device_exists,
                 _precision_supported, _compile_possible, _pretrained_fits, _files_exist, _out_usable,
                 _export_usable, _augment_fits)
 

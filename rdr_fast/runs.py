@@ -56,8 +56,8 @@ def open_run(folder: str, which: str = "last", device: str = "cpu") -> OpenRun:
     if not os.path.isfile(path):
         raise UsageError(f"{folder} has no {which} checkpoint: {path} does not exist")
     state = run_io.load_checkpoint(folder, name=CHECKPOINTS[which])
-    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, noise_ratio=cfg.noise_ratio,
-                      seed=cfg.seed)
+    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, imb_type=cfg.imb_type,
+                      noise_ratio=cfg.noise_ratio, seed=cfg.seed)
     model = build_model(cfg.model, ds.num_classes, ds.in_channels).to(device)
     model.load_state_dict(state["model"])
     criterion = RDRLoss(ds.class_counts, model.feat_dim, base=cfg.loss, reweight=cfg.reweight,

@@ -1,8 +1,11 @@
 """Train a long-tailed classifier with RDR: `python -m rdr_fast.train [--flags]`.
 
 With no flags: digits_lt (scikit-learn's bundled digits, long-tailed, IF 100), a small
-CNN, CE + RDR, the paper's protocol otherwise (SGD 0.9, wd 2e-4, lr 0.1 cosine, batch
-128, 200 epochs, warm-up over the first 5/200 of training) — about 40 s on 2 CPU cores.
+CNN, CE + RDR, the protocol of the paper's text otherwise (`--recipe paper`: SGD 0.9, wd
+2e-4, lr 0.1 cosine, batch 128, 200 epochs, RDR warm-up over the first 5/200 of training)
+— about 40 s on 2 CPU cores. `--recipe official` is the protocol of the authors' released
+code instead (step schedule with lr warm-up, wd 1e-4, RDR deferred to epoch 160 of 200);
+flags given override the recipe's settings (rdr_fast.recipes, docs/recipes.md).
 Each epoch: train, evaluate every `--eval-every` epochs and at the end (overall / Many /
 Medium / Few / per class, a metrics.csv row), replace the checkpoint atomically; the
 plots are drawn when the run ends. `--resume DIR` continues a
@@ -29,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import RDRLoss, cli_checks, distributed, run_io
+from . import RDRLoss, cli_checks, distributed, recipes, run_io
 from .cli_checks import UsageError, UsageParser
-from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
+from .data import BASIC_AUGMENT_ONLY, DATASETS, IMB_TYPES, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
 from .metrics import Evaluation, count_splits
 from .models import MODELS, build_model, default_model
 from .sam import VARIANTS, make_optimizer
@@ -44,6 +47,7 @@ class Config:
     data_root: str | None = None      # folder with the dataset files
     download: bool = False            # fetch CIFAR / Fashion-MNIST through torchvision
     imb_factor: float = 100.0         # n_max / n_min (CIFAR-LT: 10/100/200/500)
+    imb_type: str = "exp"             # exp | step: LDAM-DRW's long-tail profiles (not imagenet_lt / places_lt)
     noise_ratio: float = 0.0          # symmetric label noise after the LT subset (paper: 0.05)
     model: str | None = None          # default: the paper's backbone for the dataset
     pretrained: str | None = None     # local state_dict file for the backbone
@@ -51,15 +55,20 @@ class Config:
     reweight: str = "rdr"             # none | inv_freq | cb | rdr
     rdr_momentum: float = 0.9         # μ of the prototype update
     temperature: float = 1.0          # γ of the weights
-    warmup_epochs: float | None = None  # w ≡ 1 for these epochs; default epochs·5/200
+    recipe: str = "paper"             # paper | official: fills the settings left None (rdr_fast.recipes.RECIPES)
+    warmup_epochs: float | None = None  # RDR: w ≡ 1 for these epochs; default the recipe's (epochs·5/200, official ·160/200)
     tau: float = 1.0                  # LA's τ
     focal_gamma: float = 1.0          # focal's γ
     cb_beta: float = 0.9999           # CB's β
     epochs: int = 200
     batch_size: int | None = None     # default 128, 256 for imagenet_lt / places_lt
-    lr: float = 0.1                   # peak learning rate, cosine-annealed per epoch to 0
+    lr: float = 0.1                   # peak learning rate
+    lr_schedule: str | None = None    # cosine | step, per epoch; default the recipe's
+    lr_warmup_epochs: float | None = None  # linear lr warm-up; default the recipe's (0, official epochs·5/200)
+    lr_milestones: tuple[int, int] | None = None  # step: lr x0.01 from the first, x0.0001 from the second; default epochs·160/200, ·180/200
     momentum: float = 0.9             # SGD momentum
-    weight_decay: float = 2e-4
+    weight_decay: float | None = None  # default the recipe's (2e-4, official 1e-4)
+    augment: str | None = None        # basic | autoaug | autoaug_cutout; default: the recipe's
     sam: str = "none"                 # none | sam | asam | imbsam | ccsam | sam_k | looksam (rdr_fast.sam)
     rho: float | None = None          # SAM radius; default per variant (rdr_fast.sam.DEFAULT_RHO)
     sam_k: int = 5                    # sam_k / looksam: a full SAM step every k steps
@@ -74,7 +83,6 @@ class Config:
     eval_every: int = 1               # evaluate every N epochs (and always at the end)
     num_workers: int = 0
     loader: str = "auto"              # auto | torch | dali | gpu (rdr_fast.data.make_loaders)
-    augment: str | None = None  # basic | autoaug | autoaug_cutout; default: the recipe's
     out: str | None = None            # default runs/<dataset>-<method>-<timestamp>
     resume: str | None = None         # run folder to continue
     stop_after: int | None = None     # stop after this many epochs of this invocation (resume later)
@@ -82,41 +90,47 @@ class Config:
     quiet: bool = False
 
 
-CHOICES = {"dataset": DATASETS, "model": tuple(MODELS), "loss": ("ce", "focal", "la"),
-           "reweight": ("none", "inv_freq", "cb", "rdr"), "loader": LOADERS, "sam": VARIANTS,
-           "augment": ("basic", "autoaug", "autoaug_cutout")}
-# What a checkpoint must agree on to be resumed by this configuration.
-IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed", "sam")
+CHOICES = {"dataset": DATASETS, "imb_type": IMB_TYPES, "model": tuple(MODELS), "loss": ("ce", "focal", "la"),
+           "reweight": ("none", "inv_freq", "cb", "rdr"), "recipe": tuple(recipes.RECIPES),
+           "lr_schedule": recipes.LR_SCHEDULES, "augment": ("basic", "autoaug", "autoaug_cutout"),
+           "loader": LOADERS, "sam": VARIANTS}
+# What a checkpoint must agree on to be resumed by this configuration (the lr schedule's
+# fields too: its scheduler's saved state fits no other schedule).
+IDENTITY_FIELDS = ("dataset", "imb_factor", "imb_type", "noise_ratio", "model", "loss", "reweight", "epochs", "seed",
+                   "sam", "recipe", "lr_schedule", "lr_warmup_epochs", "lr_milestones")
 
 
-def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:
+    """One flag per Config field; a flag not given is absent from the namespace."""
     parser = UsageParser(prog="python -m rdr_fast.train", description=__doc__.split("\n")[0],
                      epilog="Exit status 2: a bad flag; 1: the run failed (RDR_FAST_DEBUG=1 shows why "
                             "with a traceback). See docs/reliability.md.",
-                     argument_default=argparse.SUPPRESS if suppress_defaults else None)
+                     argument_default=argparse.SUPPRESS)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
-        default = argparse.SUPPRESS if suppress_defaults else field.default
-        if field.type in ("bool", "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        kind, count = cli_checks.field_type(field.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
             continue
-        kind = {"int": int, "float": float}.get(field.type.split(" ")[0], str)
-        parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(field.name))
+        parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), choices=CHOICES.get(field.name),
+                            **({"nargs": count} if count > 1 else {}))
     return parser
 
 
 def parse_args(argv=None) -> Config:
-    """Flags over the defaults; with --resume DIR, flags over DIR/config.json, so that
-    `--resume DIR` alone continues the run as it was configured. UsageError for a flag
-    argparse refuses or an unreadable config.json; values are checked by configure()."""
-    args = vars(_parser(False).parse_args(argv))
-    if args["resume"]:
-        explicit = vars(_parser(True).parse_args(argv))
+    """The settings in layers, each over the ones before it: Config's defaults, DIR/config.json
+    with --resume DIR (so that `--resume DIR` alone continues the run as it was configured),
+    the flags given. What is still None after them resolve() fills: the recipe's settings,
+    then the dataset's and the machine's defaults. UsageError for a flag argparse refuses
+    or an unreadable config.json; values are checked by configure()."""
+    explicit = vars(_parser().parse_args(argv))
+    saved = {}
+    if explicit.get("resume"):
         fields = {f.name for f in dataclasses.fields(Config)}
-        saved = {k: v for k, v in _saved_config(args["resume"]).items() if k in fields}
+        saved = {k: v for k, v in _saved_config(explicit["resume"]).items() if k in fields}
         # Where to stop and what to export belong to each invocation; the run lives where it is now.
-        args = {**saved, "stop_after": None, "export": None, "out": None, **explicit}
-    return Config(**args)
+        saved.update(stop_after=None, export=None, out=None)
+    return Config(**{**saved, **explicit})
 
 
 def _saved_config(folder: str) -> dict:
@@ -156,7 +170,17 @@ def method_name(cfg: Config) -> str:
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the dataset-dependent defaults."""
+    """Fill the settings left None: the recipe's (rdr_fast.recipes; a resumed run's saved
+    config left none), the step schedule's milestones, then the dataset-dependent and
+    machine-dependent defaults."""
+    preset = {name: value for name, value in recipes.recipe_settings(cfg.recipe, cfg.epochs).items()
+              if getattr(cfg, name) is None}
+    if "augment" in preset and cfg.dataset in BASIC_AUGMENT_ONLY:
+        preset["augment"] = "basic"   # the recipe's AutoAugment needs 8-bit images to work on
+    cfg = dataclasses.replace(cfg, **preset)
+    milestones = cfg.lr_milestones
+    if cfg.lr_schedule == "step":  # a list when read back from config.json
+        milestones = recipes.step_milestones(cfg.epochs) if milestones is None else tuple(milestones)
     batch = cfg.batch_size if cfg.batch_size is not None else (
         256 if cfg.dataset in ("imagenet_lt", "places_lt") else 128)
     out = cfg.resume or cfg.out or os.path.join(
@@ -165,8 +189,7 @@ def resolve(cfg: Config) -> Config:
     device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
     return dataclasses.replace(
         cfg, model=cfg.model or default_model(cfg.dataset), batch_size=batch, out=out, device=device,
-        amp=device.startswith("cuda") if cfg.amp is None else cfg.amp,
-        warmup_epochs=cfg.epochs * 5 / 200 if cfg.warmup_epochs is None else cfg.warmup_epochs)
+        amp=device.startswith("cuda") if cfg.amp is None else cfg.amp, lr_milestones=milestones)
 
 
 def build(cfg: Config, ds, ctx=distributed.DistContext()):
@@ -182,8 +205,14 @@ def build(cfg: Config, ds, ctx=distributed.DistContext()):
                                weight_decay=cfg.weight_decay, rho=cfg.rho, k=cfg.sam_k, alpha=cfg.sam_alpha,
                                tail_threshold=cfg.tail_threshold, flat_ratio=cfg.flat_ratio,
                                freeze_bn=cfg.sam_freeze_bn)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scheduler = recipes.lr_scheduler(optimizer, epochs=cfg.epochs, schedule=cfg.lr_schedule,
+                                     warmup_epochs=cfg.lr_warmup_epochs, milestones=cfg.lr_milestones)
     return model, forward, criterion, optimizer, scheduler
+
+
+def rdr_warmup_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The RDR warm-up (w ≡ 1) in training steps: --warmup-epochs, rounded up."""
+    return math.ceil(cfg.warmup_epochs * steps_per_epoch)
 
 
 def train_epoch(cfg, epoch, model, forward, criterion, optimizer, loader, splits):
@@ -368,9 +397,9 @@ def run(cfg: Config) -> dict:
     cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device),
                               quiet=cfg.quiet or not ctx.is_main)
     torch.manual_seed(cfg.seed + ctx.rank)
-    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor,
+    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, imb_type=cfg.imb_type,
                       noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download,
-                      augment=cfg.augment or "basic")
+                      augment=cfg.augment)
     try:
         train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
                                                  loader=cfg.loader, device=cfg.device, shard_id=ctx.rank,
@@ -378,7 +407,7 @@ def run(cfg: Config) -> dict:
         model, forward, criterion, optimizer, scheduler = build(cfg, ds, ctx)
     except (ImportError, ValueError) as exc:  # DALI not installed, a pretrained file for another model
         raise RunFailure(exc) from exc
-    criterion.warmup_steps = math.ceil(cfg.warmup_epochs * len(train_loader))
+    criterion.warmup_steps = rdr_warmup_steps(cfg, len(train_loader))
     os.makedirs(cfg.out, exist_ok=True)
     start_epoch, history = 0, []
     if cfg.resume and ctx.is_main:

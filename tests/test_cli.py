@@ -68,6 +68,8 @@ ROWS = [
     ("range", "--temperature 1e300", "--temperature"),
     ("range", "--temperature 10.5", "--temperature"),
     ("range", "--warmup-epochs -1", "--warmup-epochs"),
+    ("range", "--lr-warmup-epochs -1", "--lr-warmup-epochs"),
+    ("range", "--lr-schedule step --lr-milestones -1 5", "--lr-milestones"),
     ("range", "--tau 1e300", "--tau"),
     ("range", "--tau -11", "--tau"),
     ("range", "--focal-gamma -1", "--focal-gamma"),
@@ -85,6 +87,7 @@ ROWS = [
     ("non-finite", "--rdr-momentum nan", "--rdr-momentum"),
     ("non-finite", "--temperature inf", "--temperature"),
     ("non-finite", "--warmup-epochs nan", "--warmup-epochs"),
+    ("non-finite", "--lr-warmup-epochs inf", "--lr-warmup-epochs"),
     ("non-finite", "--tau nan", "--tau"),
     ("non-finite", "--tau -inf", "--tau"),
     ("non-finite", "--focal-gamma inf", "--focal-gamma"),
@@ -106,7 +109,13 @@ ROWS = [
     ("argparse", "--reweight bogus", "--reweight"),
     ("argparse", "--sam adam", "--sam"),
     ("argparse", "--loader fast", "--loader"),
+    ("argparse", "--recipe authors", "--recipe"),
+    ("argparse", "--lr-schedule linear", "--lr-schedule"),
+    ("argparse", "--augment mixup", "--augment"),
     ("argparse", "--augment randaug", "--augment"),
+    ("argparse", "--imb-type linear", "--imb-type"),
+    ("argparse", "--lr-milestones 160", "--lr-milestones"),
+    ("argparse", "--lr-milestones 1.5 3", "--lr-milestones"),
     ("argparse", "--bogus-flag", "--bogus-flag"),
     ("argparse", "--epochs", "--epochs"),
     # flags that contradict the dataset or each other
@@ -122,6 +131,13 @@ ROWS = [
     ("combination", "--resume {tmp}/run --out {tmp}/elsewhere", "--out --resume"),
     ("combination", "--warmup-epochs 500 --epochs 2", "--warmup-epochs --epochs"),
     ("combination", "--warmup-epochs 3 --epochs 3 --reweight cb", "--warmup-epochs --epochs"),
+    ("combination", "--lr-milestones 100 150", "--lr-milestones --lr-schedule"),   # the paper's cosine
+    ("combination", "--recipe official --lr-milestones 150 100", "--lr-milestones"),
+    ("combination", "--lr-schedule step --lr-milestones 160 180 --epochs 100", "--lr-milestones --epochs"),
+    ("combination", "--lr-schedule step --lr-warmup-epochs 170", "--lr-warmup-epochs --lr-milestones"),
+    ("combination", "--recipe official --epochs 10 --lr-warmup-epochs 8", "--lr-warmup-epochs --lr-milestones"),
+    ("combination", "--lr-warmup-epochs 200", "--lr-warmup-epochs --epochs"),
+    ("combination", "--dataset imagenet_lt --data-root {tmp}/data --imb-type step", "--imb-type"),
     # files and folders that must exist and be readable
     ("files", "--dataset cifar10_lt --data-root {tmp}/nowhere", "--data-root"),
     ("files", "--pretrained {tmp}/nowhere.pt", "--pretrained"),
@@ -135,6 +151,7 @@ ROWS = [
     ("files", "--resume {tmp}/list_config", "--resume"),
     ("files", "--resume {tmp}/bad_value_config", "--lr"),
     ("files", "--resume {tmp}/wrong_type_config", "--epochs"),
+    ("files", "--resume {tmp}/one_milestone_config", "--lr-milestones"),
     ("files", "--resume {tmp}/no_checkpoint --export {tmp}/model.pt", "--resume --export"),
     # devices and limits this machine does not have (plain `cuda` only where there is none)
     ("machine", "--device gpu", "--device"),
@@ -190,10 +207,11 @@ def files(tmp_path_factory):
     for name, text in {"run": json.dumps(good), "no_checkpoint": json.dumps(good),
                        "corrupt_config": '{"dataset": "digits_lt", "epo', "list_config": "[1, 2]",
                        "bad_value_config": json.dumps({**good, "lr": -1.0}),
-                       "wrong_type_config": json.dumps({**good, "epochs": "2"})}.items():
+                       "wrong_type_config": json.dumps({**good, "epochs": "2"}),
+                       "one_milestone_config": json.dumps({**good, "lr_schedule": "step", "lr_milestones": [1]})}.items():
         (tmp / name).mkdir()
         (tmp / name / "config.json").write_text(text)
-    for name in ("run", "bad_value_config", "wrong_type_config"):
+    for name in ("run", "bad_value_config", "wrong_type_config", "one_milestone_config"):
         (tmp / name / run_io.CHECKPOINT).write_bytes(b"only looked at after the checks")
     (tmp / "empty.pt").write_bytes(b"")
     (tmp / "garbage.pt").write_bytes(b"\x80\x02not a torch file" * 8)
@@ -357,7 +375,7 @@ def test_bad_inputs_are_refused_by_python_m(scene):
 
 
 def test_every_numeric_flag_has_a_range():
-    numeric = {f.name for f in dataclasses.fields(train.Config) if f.type.split(" ")[0] in ("int", "float")}
+    numeric = {f.name for f in dataclasses.fields(train.Config) if cli_checks.field_type(f.type)[0] in ("int", "float")}
     assert numeric == set(cli_checks.RANGES)
 
 

@@ -133,6 +133,34 @@ def test_long_tail_counts_match_ldam_table():
         long_tail_counts(5000, 10, 0.01)
 
 
+def ldam_step_profile(img_max, cls_num, imb_factor):
+    """kaidic/LDAM-DRW's get_img_num_per_cls for imb_type 'step', its imb_factor being 1/IF."""
+    return [int(img_max)] * (cls_num // 2) + [int(img_max * imb_factor)] * (cls_num // 2)
+
+
+def test_step_profile_matches_ldam():
+    for n_max, classes in ((5000, 10), (500, 100)):
+        for factor in (10, 50, 100):
+            assert long_tail_counts(n_max, classes, factor, "step") == ldam_step_profile(n_max, classes, 1 / factor)
+    assert long_tail_counts(5000, 10, 100, "step") == [5000] * 5 + [50] * 5
+    assert long_tail_counts(500, 100, 100, "step") == [500] * 50 + [5] * 50
+    assert long_tail_counts(5, 3, 2, "step") == [5, 2, 2]         # odd C: the middle class joins the tail
+    assert long_tail_counts(124, 10, 500, "step")[-1] == 1        # floor: no empty class
+    with pytest.raises(ValueError, match="imb_type"):
+        long_tail_counts(5000, 10, 100, "linear")
+
+
+def test_step_profile_through_load_dataset(cifar_root):
+    root, _, _ = cifar_root
+    for name, classes in (("cifar10_lt", 10), ("cifar100_lt", 100)):
+        ds = load_dataset(name, data_root=str(root), imb_factor=10, imb_type="step")
+        assert ds.class_counts == [20] * (classes // 2) + [2] * (classes // 2)
+        assert np.bincount(ds.train.targets.numpy(), minlength=classes).tolist() == ds.class_counts
+    assert load_dataset("digits_lt", imb_factor=10, imb_type="step").class_counts == [124] * 5 + [12] * 5
+    with pytest.raises(ValueError, match="imb_type"):
+        load_dataset("imagenet_lt", data_root=str(root), imb_type="step")
+
+
 def test_symmetric_noise_exact_count_other_class_and_deterministic():
     labels = np.repeat(np.arange(10), [300, 200, 150, 100, 80, 60, 40, 30, 20, 20])
     noisy, flipped = add_symmetric_noise(labels, 0.05, 10, seed=0)

@@ -7,7 +7,9 @@ Every dataset yields (x float32 [C, H, W], y int); classes are indexed head to t
 (class 0 = most training samples). Conventions:
 - CIFAR-LT: LDAM-DRW recipe bit for bit (profile, legacy-NumPy seeded subset, balanced
   original test set, LDAM's CIFAR-10 normalisation for both CIFAR sets).
-- fmnist_lt / digits_lt: the same exponential profile (from len(train)/10 = 6000 for
+- Profiles: LDAM's exponential one by default, or its step one (imb_type "step": half
+  the classes at n_max, half at n_max / IF) for CIFAR-LT, fmnist_lt and digits_lt.
+- fmnist_lt / digits_lt: the same profiles (from len(train)/10 = 6000 for
   Fashion-MNIST, from the smallest per-class pool, 124, for digits).
 - imagenet_lt / places_lt: OLTR list files; labels re-indexed by descending train
   count (stable); imb_factor is ignored there.
@@ -19,13 +21,13 @@ looked for, where, and how to fix it.
 """
 from __future__ import annotations
 
-from .common import (DataNotFoundError, LTDataset, TensorImageDataset, add_symmetric_noise,
+from .common import (IMB_TYPES, DataNotFoundError, LTDataset, TensorImageDataset, add_symmetric_noise,
                      class_counts, class_splits, long_tail_counts)
-from .datasets import DATASETS, load_dataset
+from .datasets import BASIC_AUGMENT_ONLY, DATASETS, load_dataset
 from .factory import LOADERS, make_loaders, resolve_loader, set_epoch
 from .sampling import SeededShuffleSampler
 from .image_format import ImageFormat
 
-__all__ = ["DATASETS", "DataNotFoundError", "ImageFormat", "LTDataset", "SeededShuffleSampler",
+__all__ = ["BASIC_AUGMENT_ONLY", "DATASETS", "IMB_TYPES", "DataNotFoundError", "ImageFormat", "LTDataset", "SeededShuffleSampler",
            "TensorImageDataset", "add_symmetric_noise", "class_counts", "class_splits", "load_dataset",
            "long_tail_counts", "make_loaders", "LOADERS", "resolve_loader", "set_epoch"]

@@ -54,9 +54,9 @@ def _download(name: str, root: str) -> None:
                                 + fix_hint(name)) from None
 
 
-def load_cifar_lt(name, data_root, *, imb_factor, noise_ratio, seed, download, train_transform):
+def load_cifar_lt(name, data_root, *, imb_factor, noise_ratio, seed, download, train_transform, imb_type="exp"):
     """CIFAR-LT exactly as LDAM-DRW builds it: n_i = int(img_max * (1/IF)^(i/(C-1))) with
-    img_max = len(train) / C, a seeded per-class random subset (ldam_subset), the
+    img_max = len(train) / C (or LDAM's step profile, imb_type "step"), a seeded per-class random subset (ldam_subset), the
     untouched balanced test set; train augmentation RandomCrop(32, pad 4) + flip.
     data_root defaults to ./data (LDAM's default root)."""
     folder_name, train_files, test_files, label_key, num_classes = CIFAR_LAYOUT[name]
@@ -75,6 +75,6 @@ def load_cifar_lt(name, data_root, *, imb_factor, noise_ratio, seed, download, t
             raise DataNotFoundError(f"{name}: {split} labels in {folder} fall outside "
                                     f"0..{num_classes - 1}; wrong folder or corrupt files")
     return tensor_lt_dataset(name, train, test, n_max=len(train[1]) / num_classes,
-                             num_classes=num_classes, imb_factor=imb_factor,
+                             num_classes=num_classes, imb_factor=imb_factor, imb_type=imb_type,
                              noise_ratio=noise_ratio, seed=seed, norm=CIFAR_NORM,
                              pad=4 if train_transform else 0, flip=train_transform)

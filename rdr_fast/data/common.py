@@ -88,19 +88,32 @@ def class_splits(name: str, num_classes: int) -> dict:
     return dict(zip(("many", "medium", "few"), ranges))
 
 
-def long_tail_counts(n_max, num_classes: int, imb_factor: float) -> list:
-    """LDAM-DRW exponential profile: n_i = max(1, int(n_max * (1/imb_factor) ** (i / (C-1)))).
+IMB_TYPES = ("exp", "step")   # the long-tail profiles of LDAM-DRW's get_img_num_per_cls
 
-    imb_factor is the ratio n_0 / n_{C-1} (>= 1; 100 means "IF 100"). 1/IF is the same
-    float LDAM writes as 0.01, so the counts match LDAM bit for bit. The floor of 1 never
-    binds in the paper's settings (CIFAR-100 IF 500 ends at exactly 1); it keeps small
-    pools (digits, 124 per class, at IF > 124) from producing an empty class.
+
+def long_tail_counts(n_max, num_classes: int, imb_factor: float, imb_type: str = "exp") -> list:
+    """LDAM-DRW's long-tail profiles, with imb_factor the ratio n_0 / n_{C-1} (>= 1; 100
+    means "IF 100"; LDAM's own imb_factor is its inverse, 0.01):
+
+    - "exp": n_i = max(1, int(n_max * (1/imb_factor) ** (i / (C-1)))).
+    - "step": the first C//2 classes int(n_max), the others max(1, int(n_max * (1/imb_factor))).
+      For an even C (every dataset here) that is LDAM's list; for an odd C LDAM's is one
+      class short, and the middle class joins the tail here.
+
+    1/IF is the same float LDAM writes as 0.01, so the counts match LDAM bit for bit. The
+    floor of 1 never binds in the paper's settings (CIFAR-100 IF 500 ends at exactly 1); it
+    keeps small pools (digits, 124 per class, at IF > 124) from producing an empty class.
     """
     if imb_factor < 1:
         raise ValueError(f"imb_factor must be >= 1 (n_max / n_min), got {imb_factor}")
+    if imb_type not in IMB_TYPES:
+        raise ValueError(f"imb_type must be one of {', '.join(IMB_TYPES)}, got {imb_type!r}")
     if num_classes == 1:
         return [int(n_max)]
     ratio = 1.0 / imb_factor
+    if imb_type == "step":
+        head = num_classes // 2
+        return [int(n_max)] * head + [max(1, int(n_max * ratio))] * (num_classes - head)
     return [max(1, int(n_max * ratio ** (i / (num_classes - 1.0)))) for i in range(num_classes)]
 
 
@@ -255,14 +268,15 @@ def fix_hint(name: str) -> str:
 
 
 def tensor_lt_dataset(name, train, test, *, n_max, num_classes, imb_factor, noise_ratio,
-                      seed, norm, scale=255.0, pad=0, flip=False) -> LTDataset:
+                      seed, norm, imb_type="exp", scale=255.0, pad=0, flip=False) -> LTDataset:
     """LT-subsample an in-memory train set (LDAM recipe), add noise, wrap as LTDataset.
 
     train / test: (images uint8 [N, C, H, W], labels int [N]) with labels 0..C-1 already
-    in head-to-tail order. norm: (mean, std) per channel. pad/flip: train augmentation.
+    in head-to-tail order. norm: (mean, std) per channel. imb_type: the profile
+    (long_tail_counts). pad/flip: train augmentation.
     """
     (xtr, ytr), (xte, yte) = train, test
-    counts = long_tail_counts(n_max, num_classes, imb_factor)
+    counts = long_tail_counts(n_max, num_classes, imb_factor, imb_type)
     keep = ldam_subset(np.asarray(ytr, dtype=np.int64), counts, seed)
     noisy, clean, counts = noisy_counts(np.asarray(ytr)[keep], noise_ratio, num_classes, seed)
     keep_t = torch.from_numpy(keep)

@@ -12,10 +12,11 @@ from .small import load_digits_lt, load_fmnist_lt
 DATASETS = ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt", "places_lt")
 # Facts callers may check before loading anything (the CLI validates flags with them).
 GRAYSCALE = ("digits_lt", "fmnist_lt")        # 1-channel images
+BASIC_AUGMENT_ONLY = ("digits_lt",)           # 8x8 images of values 0..16: no AutoAugment
 FILE_LISTS = ("imagenet_lt", "places_lt")     # JPEG files named by OLTR list files; no download
 
 
-def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=0,
+def load_dataset(name, *, data_root=None, imb_factor=100, imb_type="exp", noise_ratio=0.0, seed=0,
                  download=False, train_transform=True, augment="basic", image_root=None,
                  image_size=224) -> LTDataset:
     """Build the LT benchmark `name` (one of DATASETS).
@@ -23,6 +24,8 @@ def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=
     data_root: folder with the files (cifar: defaults to ./data; fmnist: defaults to the
       Debian package's /usr/share/datasets/fashion-mnist; imagenet/places: required).
     imb_factor: n_max / n_min (>= 1), ignored by imagenet_lt / places_lt.
+    imb_type: the long-tail profile, "exp" or LDAM's "step" (rdr_fast.data.long_tail_counts);
+      imagenet_lt / places_lt take their profile from their list files and refuse "step".
     noise_ratio, seed: symmetric label noise after the LT subset; seed also picks the
       LT subset (digits' train/test split is fixed and does not depend on it).
     download: fetch CIFAR / Fashion-MNIST with torchvision into data_root.
@@ -41,7 +44,7 @@ def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=
     if augment != "basic" and not train_transform:
         raise ValueError(f"augment={augment!r} needs train_transform=True (it adds to the "
                          "train augmentation)")
-    ds = _build(name, data_root=data_root, imb_factor=imb_factor, noise_ratio=noise_ratio,
+    ds = _build(name, data_root=data_root, imb_factor=imb_factor, imb_type=imb_type, noise_ratio=noise_ratio,
                 seed=seed, download=download, train_transform=train_transform,
                 image_root=image_root, image_size=image_size)
     if augment == "basic":
@@ -52,18 +55,20 @@ def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=
         raise ValueError(f"{name}: {exc}") from None
 
 
-def _build(name, *, data_root, imb_factor, noise_ratio, seed, download, train_transform,
+def _build(name, *, data_root, imb_factor, imb_type, noise_ratio, seed, download, train_transform,
            image_root, image_size) -> LTDataset:
     kw = dict(noise_ratio=noise_ratio, seed=seed)
+    profile = dict(imb_factor=imb_factor, imb_type=imb_type)
     if name == "digits_lt":
-        return load_digits_lt(imb_factor=imb_factor, **kw)
+        return load_digits_lt(**profile, **kw)
     if name == "fmnist_lt":
-        return load_fmnist_lt(data_root, imb_factor=imb_factor, download=download,
-                              train_transform=train_transform, **kw)
+        return load_fmnist_lt(data_root, download=download, train_transform=train_transform, **profile, **kw)
     if name in ("cifar10_lt", "cifar100_lt"):
-        return load_cifar_lt(name, data_root, imb_factor=imb_factor, download=download,
-                             train_transform=train_transform, **kw)
+        return load_cifar_lt(name, data_root, download=download, train_transform=train_transform, **profile, **kw)
     if name in FILE_LISTS:
+        if imb_type != "exp":
+            raise ValueError(f"imb_type {imb_type!r}: {name}'s long tail is the one its list files give; "
+                             "only the default 'exp' applies to it")
         if download:
             raise DataNotFoundError(f"{name} cannot be downloaded automatically; get the "
                                     "images and OLTR list files, then pass --data-root DIR")

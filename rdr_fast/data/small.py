@@ -70,7 +70,7 @@ def _find_idx_dir(dirs: list) -> dict:
                             f"{', '.join(dirs)}. " + fix_hint("fmnist_lt"))
 
 
-def load_fmnist_lt(data_root, *, imb_factor, noise_ratio, seed, download, train_transform):
+def load_fmnist_lt(data_root, *, imb_factor, noise_ratio, seed, download, train_transform, imb_type="exp"):
     """Fashion-MNIST-LT: LDAM profile from 6000 per class (len(train) / 10), balanced
     original test set, train augmentation RandomCrop(28, pad 2) + flip."""
     if download:
@@ -96,12 +96,12 @@ def load_fmnist_lt(data_root, *, imb_factor, noise_ratio, seed, download, train_
     xte = torch.from_numpy(arr["test_images"].copy()).unsqueeze(1)
     ytr, yte = arr["train_labels"].astype(np.int64), arr["test_labels"].astype(np.int64)
     return tensor_lt_dataset("fmnist_lt", (xtr, ytr), (xte, yte), n_max=len(ytr) // 10,
-                             num_classes=10, imb_factor=imb_factor, noise_ratio=noise_ratio,
-                             seed=seed, norm=FMNIST_NORM, pad=2 if train_transform else 0,
+                             num_classes=10, imb_factor=imb_factor, imb_type=imb_type,
+                             noise_ratio=noise_ratio, seed=seed, norm=FMNIST_NORM, pad=2 if train_transform else 0,
                              flip=train_transform)
 
 
-def load_digits_lt(*, imb_factor, noise_ratio, seed):
+def load_digits_lt(*, imb_factor, noise_ratio, seed, imb_type="exp"):
     """digits-LT from sklearn's bundled 8x8 digits (values 0..16, 10 classes).
 
     Fixed split (RandomState(0), independent of `seed`): 50 images per class form a
@@ -123,5 +123,5 @@ def load_digits_lt(*, imb_factor, noise_ratio, seed):
     n_max = int(np.bincount(targets[tr.numpy()]).min())
     return tensor_lt_dataset("digits_lt", (images[tr], targets[tr.numpy()]),
                              (images[te], targets[te.numpy()]), n_max=n_max, num_classes=10,
-                             imb_factor=imb_factor, noise_ratio=noise_ratio, seed=seed,
+                             imb_factor=imb_factor, imb_type=imb_type, noise_ratio=noise_ratio, seed=seed,
                              norm=DIGITS_NORM, scale=16.0)
