@@ -5,7 +5,6 @@ fails there on a code path nobody ran. The checks are computed from rows, so the
 tested on rows made up for the purpose."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,17 +12,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, load_bench_module
+
 SUITE = os.path.join(ROOT, "bench", "gpu_suite.py")
 SECTIONS = ["install", "tests_gpu", "bench_weights", "bench_step", "bench_sam", "bench_loss", "bench_loaders",
             "summarize", "tests_cpu"]
-
-
-def load_bench_module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def labels(path) -> set:
