@@ -6,7 +6,9 @@
 Tables (the format of bench/README.md): each group gets one row per backend / method /
 loader: median and min µs, rounds, and the speed-up over every baseline present in the
 group (reference, official, unfused, torch, ce, sgd, torchvision: baseline median / row
-median), then any ratio a benchmark timed itself in pairs.
+median), then any ratio a benchmark timed itself in pairs. The rows of bench_scaling.py
+make one table of their own (scaling_table: time, peak extra memory, flop and byte
+rates, fraction of the attainable; bench/plot_scaling.py draws them).
 
 Checks: the targets the benchmarks are written for, each computed from the rows on every
 device (and mode, precision) the files hold rows for, and reported with its value as
