@@ -11,9 +11,10 @@ Before timing, the naive row checks that fused and naive SAM give bit-identical
 parameters. ``test_paired_ratios_vs_sgd`` (last) times fused SAM, sam_k and looksam each
 against SGD in alternating, adjacent pairs (SAM one step vs SGD two steps; the cheap
 variants a whole k-cycle vs K SGD steps) and records the median ratios in its
-extra_info; summarize.py checks them against their targets (fused SAM ≤ 2.05× SGD, the
-cheapest variant ≤ 1.3× SGD, SAM with RDR ≤ 1.03× SAM without). On a shared machine the rows of the tables drift with the
-load by ±10 %; the paired ratios are the ones to quote.
+extra_info; it also times SAM with RDR against SAM without. summarize.py checks them
+against their targets (fused SAM ≤ 2.05× SGD, the cheapest variant ≤ 1.3× SGD, SAM with
+RDR ≤ 1.03× SAM without). On a shared machine the rows of the tables drift with the load
+by ±10 %; the paired ratios are the ones to quote.
 
 Run: pytest bench/bench_sam.py --benchmark-only --benchmark-group-by=group
 (BENCH_SAM_ROUNDS: rounds per row, default 3, after one warm-up round;
