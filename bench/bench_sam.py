@@ -11,9 +11,10 @@ Before timing, the naive row checks that fused and naive SAM give bit-identical
 parameters. ``test_paired_ratios_vs_sgd`` (last) times fused SAM, sam_k and looksam each
 against SGD in alternating, adjacent pairs (SAM one step vs SGD two steps; the cheap
 variants a whole k-cycle vs K SGD steps) and records the median ratios in its
-extra_info; summarize.py checks them against their targets (fused SAM ≤ 2.05× SGD, the
-cheapest variant ≤ 1.3× SGD). On a shared machine the rows of the tables drift with the
-load by ±10 %; the paired ratios are the ones to quote.
+extra_info; it also times SAM with RDR against SAM without. summarize.py checks them
+against their targets (fused SAM ≤ 2.05× SGD, the cheapest variant ≤ 1.3× SGD, SAM with
+RDR ≤ 1.03× SAM without). On a shared machine the rows of the tables drift with the load
+by ±10 %; the paired ratios are the ones to quote.
 
 Run: pytest bench/bench_sam.py --benchmark-only --benchmark-group-by=group
 (BENCH_SAM_ROUNDS: rounds per row, default 3, after one warm-up round;
@@ -150,10 +151,12 @@ def test_paired_ratios_vs_sgd(benchmark, device):
     adjacent timings (see conftest.median_paired_ratio), recorded in extra_info. Units:
     SAM one step against SGD two steps (about two passes each); sam_k / looksam one whole
     k-cycle (their mean step) against K SGD steps. PAIRS pairs for the cheap variants,
-    4·PAIRS for SAM."""
-    report = {}
+    4·PAIRS for SAM. Last, fused SAM with RDR against fused SAM without (one step each,
+    4·PAIRS pairs): what RDR adds to a SAM step."""
+    report, sam_steps = {}, {}
     for tag in ("ce", "rdr"):
         steps = {m: timed(make_step(m, tag == "rdr", device), device) for m in ("sgd", "sam", "sam_k", "looksam")}
+        sam_steps[tag] = steps["sam"]
         unit = {m: (lambda m=m, n=n: seconds_per_call(steps[m], n))
                 for m, n in (("sgd", 2), ("sam", 1), ("sam_k", K), ("looksam", K))}
         sgd_cycle = lambda: seconds_per_call(steps["sgd"], K)  # noqa: E731
@@ -161,6 +164,8 @@ def test_paired_ratios_vs_sgd(benchmark, device):
         for m in ("sam_k", "looksam"):
             report[f"{tag}/{m}_vs_sgd"] = median_paired_ratio(unit[m], sgd_cycle, PAIRS)
         report[f"{tag}/sgd_s_per_step"] = unit["sgd"]()
+    report["sam_rdr_vs_sam_ce"] = median_paired_ratio(lambda: seconds_per_call(sam_steps["rdr"], 1),
+                                                      lambda: seconds_per_call(sam_steps["ce"], 1), 4 * PAIRS)
     benchmark.group = f"sam/{device}/paired"
     benchmark.extra_info.update(device=device, **report)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -5,8 +5,10 @@
 
 Tables (the format of bench/README.md): each group gets one row per backend / method /
 loader: median and min µs, rounds, and the speed-up over every baseline present in the
-group (reference, unfused, torch, ce, sgd, torchvision: baseline median / row median),
-then any ratio a benchmark timed itself in pairs.
+group (reference, official, unfused, torch, ce, sgd, torchvision: baseline median / row
+median), then any ratio a benchmark timed itself in pairs. The rows of bench_scaling.py
+make one table of their own (scaling_table: time, peak extra memory, flop and byte
+rates, fraction of the attainable; bench/plot_scaling.py draws them).
 
 Checks: the targets the benchmarks are written for, each computed from the rows on every
 device (and mode, precision) the files hold rows for, and reported with its value as
@@ -14,10 +16,14 @@ pass, FAIL, or missing (a row it needs is absent):
 
 - weights: the op's own kernel (C++ on CPU, Triton on CUDA) ≥ 100× the reference loop on
   the same device, at the first shape of bench_weights.py;
-- step: RDR step ≤ 1.03× CE step (bench_step.py's paired ratio);
+- official: against the authors' structure (bench/official.py), at OFFICIAL_TARGETS'
+  shapes: the op's kernel (weights + update) and RDRLoss (weights + update + loss forward
+  and backward) ≥ 100× at (128, 100, 64) and ≥ 200× at (256, 1000, 512); on the CPU from
+  rows run on one torch thread only (OMP_NUM_THREADS=1);
+- step: RDR step ≤ 1.01× CE step (bench_step.py's paired ratio);
 - SAM: fused SAM ≤ 2.05× an SGD step, the cheaper of sam_k / looksam ≤ 1.3× (paired
-  ratios of bench_sam.py), and the SAM step with RDR ≤ 1.03× the one without (from two
-  separately timed rows, so on a busy machine it moves with the load).
+  ratios of bench_sam.py), and the SAM step with RDR ≤ 1.03× the one without, paired and
+  from two separately timed rows (which on a busy machine move with the load).
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ import argparse
 import json
 from collections import defaultdict
 
-BASELINES = ("reference", "unfused", "torch", "ce", "sgd", "torchvision")  # each one present is a column
+BASELINES = ("reference", "official", "unfused", "torch", "ce", "sgd", "torchvision")  # each one present is a column
 LABEL_KEYS = ("backend", "method", "loader")  # extra_info keys that name a row
 FAST_WEIGHTS_KERNEL = {"cpu": "cpp", "cuda": "triton"}
+# (B, C, K) → the speed-up over the authors' structure to reach there.
+OFFICIAL_TARGETS = {(128, 100, 64): 100, (256, 1000, 512): 200}
 
 
 def load(paths) -> dict:
@@ -53,12 +61,14 @@ def row_label(bench: dict) -> str:
 def reported_ratios(label: str, extra: dict) -> list[str]:
     """Ratios a benchmark measured itself (paired timings), e.g. rdr_over_ce, sam_vs_sgd."""
     return [f"{label}: {key} = {value:.4f}" for key, value in extra.items()
-            if isinstance(value, float) and ("_vs_" in key or key == "rdr_over_ce")]
+            if isinstance(value, float) and ("_vs_" in key or key.endswith("_over_ce"))]
 
 
 def tables(data: dict) -> str:
     groups, extras = defaultdict(dict), defaultdict(dict)
     for bench in data["benchmarks"]:
+        if bench["group"].startswith(SCALING):
+            continue  # one table for the whole sweep: scaling_table
         groups[bench["group"]][row_label(bench)] = bench["stats"]
         extras[bench["group"]][row_label(bench)] = bench["extra_info"]
     lines = []
@@ -74,6 +84,39 @@ def tables(data: dict) -> str:
                              + " | ".join(ratios) + " |")
         for label, extra in extras[group].items():
             lines += reported_ratios(label, extra)
+    return "\n".join(lines)
+
+
+SCALING = "scaling/"  # the groups of bench_scaling.py
+
+
+def scaling_rows(data: dict) -> list[dict]:
+    """One dict per row of bench_scaling.py: op, device, backend, B, C, K (0 for the loss),
+    median seconds, peak extra bytes, flop and byte rates, fraction of the attainable."""
+    out = []
+    for bench in data["benchmarks"]:
+        if not bench["group"].startswith(SCALING):
+            continue
+        info, median_s = bench["extra_info"], bench["stats"]["median"]
+        batch, num_classes, dim = (info["shape"] + [0])[:3]
+        out.append({"op": info["op"], "device": info["device"], "backend": info["backend"], "B": batch,
+                    "C": num_classes, "K": dim, "median_s": median_s, "peak_bytes": info["peak_extra_bytes"],
+                    "flops_per_s": info["flops"] / median_s, "bytes_per_s": info["bytes"] / median_s,
+                    "fraction": info["attainable_fraction"]})
+    return sorted(out, key=lambda r: (r["op"], r["device"], r["backend"], r["B"], r["K"], r["C"]))
+
+
+def scaling_table(data: dict) -> str:
+    """The sweep as one markdown table ("" without scaling rows)."""
+    found = scaling_rows(data)
+    if not found:
+        return ""
+    lines = ["| op | device | backend | B | C | K | median µs | peak extra KiB | GFLOP/s | GB/s | of attainable |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in found:
+        lines.append(f"| {r['op']} | {r['device']} | {r['backend']} | {r['B']} | {r['C']} | {r['K'] or '—'} | "
+                     f"{r['median_s'] * 1e6:,.1f} | {r['peak_bytes'] / 1024:,.1f} | {r['flops_per_s'] / 1e9:.2f} | "
+                     f"{r['bytes_per_s'] / 1e9:.2f} | {r['fraction']:.1%} |")
     return "\n".join(lines)
 
 
@@ -116,6 +159,25 @@ def weights_checks(data: dict) -> list[dict]:
     return out
 
 
+def official_checks(data: dict) -> list[dict]:
+    """The op's kernel and RDRLoss against the authors' structure, at each target shape
+    and device the rows hold; CPU figures only from single-thread rows."""
+    out = []
+    for test, fast_of in (("test_weights_and_update", FAST_WEIGHTS_KERNEL.get),
+                          ("test_weights_update_and_loss", lambda device: "rdr_fast")):
+        for shape, target in OFFICIAL_TARGETS.items():
+            devices = {b["extra_info"]["device"] for b in rows(data, test, shape=list(shape), backend="official")}
+            for device in sorted(devices):
+                threads = {"torch_threads": 1} if device == "cpu" else {}
+                value = ratio(median(data, test, device=device, shape=list(shape), backend="official", **threads),
+                              median(data, test, device=device, shape=list(shape), backend=fast_of(device), **threads))
+                what = "weights+update" if test == "test_weights_and_update" else "weights+update+loss"
+                where = f"{device}, 1 thread" if device == "cpu" else device
+                out.append(verdict(f"{what} {where}: {fast_of(device)} vs the authors' structure at {shape}", value,
+                                   at_least=target))
+    return out
+
+
 def step_checks(data: dict) -> list[dict]:
     runs = {(b["extra_info"]["device"], b["extra_info"]["mode"], b["extra_info"]["precision"])
             for b in rows(data, "test_resnet32_step")}
@@ -123,7 +185,7 @@ def step_checks(data: dict) -> list[dict]:
     for device, mode, precision in sorted(runs):
         pair = rows(data, "test_resnet32_step_pair", device=device, mode=mode, precision=precision)
         value = pair[0]["extra_info"]["rdr_over_ce"] if pair else None
-        out.append(verdict(f"ResNet-32 step {device} {mode} {precision}: RDR / CE (paired)", value, at_most=1.03))
+        out.append(verdict(f"ResNet-32 step {device} {mode} {precision}: RDR / CE (paired)", value, at_most=1.01))
     return out
 
 
@@ -137,6 +199,8 @@ def sam_checks(data: dict) -> list[dict]:
             cheap = [info.get(f"{tag}/{m}_vs_sgd") for m in ("sam_k", "looksam")]
             out.append(verdict(f"SAM {info['device']} {tag}: min(sam_k, looksam) / SGD step (paired)",
                                min(cheap) if None not in cheap else None, at_most=1.3))
+        out.append(verdict(f"SAM {info['device']}: with RDR / without (paired)", info.get("sam_rdr_vs_sam_ce"),
+                           at_most=1.03))
     runs = {(b["extra_info"]["device"], b["extra_info"]["mode"]) for b in rows(data, "test_sam_step", method="sam")}
     for device, mode in sorted(runs):
         value = ratio(median(data, "test_sam_step", device=device, mode=mode, method="sam", loss="rdr"),
@@ -146,7 +210,7 @@ def sam_checks(data: dict) -> list[dict]:
 
 
 def checks(data: dict) -> list[dict]:
-    return weights_checks(data) + step_checks(data) + sam_checks(data)
+    return weights_checks(data) + official_checks(data) + step_checks(data) + sam_checks(data)
 
 
 def checks_table(results: list[dict]) -> str:
@@ -173,9 +237,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the checks and the tables to this file")
     args = parser.parse_args(argv)
     data = load(args.files)
-    summary = {"machine_info": data["machine_info"], "checks": checks(data), "tables": tables(data)}
+    summary = {"machine_info": data["machine_info"], "checks": checks(data), "tables": tables(data),
+               "scaling": scaling_table(data)}
     print(header(data))
     print(summary["tables"])
+    if summary["scaling"]:
+        print("\n**scaling** (bench_scaling.py; plot: bench/plot_scaling.py)\n\n" + summary["scaling"])
     print("\n**checks**\n\n" + checks_table(summary["checks"]))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,6 +1,9 @@
-"""Shared fixtures: deterministic seeds and long-tailed random batches."""
+"""Shared fixtures: deterministic seeds and long-tailed random batches; bench/ modules
+loaded by path."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 
 import pytest
@@ -13,6 +16,17 @@ import rdr_fast.ops as ops  # noqa: F401  (registers the custom ops)
 # A "device" parameter: "cpu" always runs; "cuda" (marked gpu) only where a GPU is.
 CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench_module(name):
+    """The module bench/<name>.py (bench/ is not a package, and its conftest is not ours)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,6 @@ fails there on a code path nobody ran. The checks are computed from rows, so the
 tested on rows made up for the purpose."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,17 +12,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, load_bench_module
+
 SUITE = os.path.join(ROOT, "bench", "gpu_suite.py")
 SECTIONS = ["install", "tests_gpu", "bench_weights", "bench_step", "bench_sam", "bench_loss", "bench_loaders",
-            "summarize", "tests_cpu"]
-
-
-def load_bench_module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+            "bench_scaling", "summarize", "tests_cpu"]
 
 
 def labels(path) -> set:
@@ -51,18 +44,20 @@ def test_dry_run_runs_every_section(tmp_path):
     for name in ("tests_gpu", "tests_cpu"):
         assert "tests collected" in sections[name]["tail"]
     # every row of every bench file ran on the CPU, the Triton rows in the interpreter
-    assert {"reference", "torch", "triton", "triton BS16/BK64/w4"} <= labels(tmp_path / "bench_weights.json")
+    assert {"reference", "official", "torch", "triton", "triton BS16/BK64/w4", "rdr_fast"} <= labels(
+        tmp_path / "bench_weights.json")
     assert {"unfused", "torch", "triton"} <= labels(tmp_path / "bench_loss.json")
-    assert labels(tmp_path / "bench_step.json") == {"ce", "rdr", "ce+rdr (alternated)"}
+    assert labels(tmp_path / "bench_step.json") == {"ce", "official", "rdr", "ce+official+rdr (alternated)"}
+    assert {"torch", "triton"} <= labels(tmp_path / "bench_scaling.json")
     assert labels(tmp_path / "bench_sam.json") == {"sgd", "sam_naive", "sam", "sam_k", "looksam"}
     assert {"torchvision", "torch", "gpu"} <= labels(tmp_path / "bench_loaders.json")
     # every CPU check computed from those rows (smoke figures: pass or FAIL; missing only
     # for the C++ kernel's speed-up where rdr_fast._C is not built)
     checks = result["checks"]
     has_cpp = result["machine_info"]["rdr_fast"]["backends"]["rdr_weights_and_update"]["cpu"] == "cpp"
-    assert len(checks) == 7 and checks[0]["check"].startswith("weights+update cpu"), checks
+    assert len(checks) == 8 and checks[0]["check"].startswith("weights+update cpu"), checks
     assert {c["status"] for c in checks[int(not has_cpp):]} <= {"pass", "FAIL"}, checks
-    assert "rdr_fast GPU suite" in run.stdout and "**checks**" in run.stdout
+    assert "rdr_fast GPU suite" in run.stdout and "**checks**" in run.stdout and "**scaling**" in run.stdout
 
 
 def bench(test, median, group="g", **extra):
@@ -78,6 +73,15 @@ def test_checks_are_computed_from_the_rows():
         bench("test_weights_and_update", 0.4e-3, device="cuda", shape=shape, backend="triton"),
         bench("test_weights_and_update", 1.0, device="cuda", shape=[256, 1000, 512], backend="reference"),
         bench("test_weights_and_update", 7.5e-3, device="cpu", shape=shape, backend="reference"),  # no cpp row
+        bench("test_weights_and_update", 80e-3, device="cuda", shape=shape, backend="official"),
+        # against the authors' structure the CPU counts single-thread rows only: 125×, not 500×
+        bench("test_weights_and_update", 50e-3, device="cpu", shape=[256, 1000, 512], backend="official",
+              torch_threads=1),
+        bench("test_weights_and_update", 0.4e-3, device="cpu", shape=[256, 1000, 512], backend="cpp",
+              torch_threads=1),
+        bench("test_weights_and_update", 0.1e-3, device="cpu", shape=[256, 1000, 512], backend="cpp",
+              torch_threads=2),
+        bench("test_weights_update_and_loss", 10e-3, device="cuda", shape=shape, backend="official"),  # no rdr_fast
         bench("test_resnet32_step", 0.4, device="cpu", mode="eager", precision="fp32", backend="rdr"),  # no pair
         bench("test_resnet32_step", 0.01, device="cuda", mode="graph", precision="fp32", backend="ce"),
         bench("test_resnet32_step_pair", 0.02, device="cuda", mode="graph", precision="fp32", rdr_over_ce=1.05),
@@ -85,7 +89,8 @@ def test_checks_are_computed_from_the_rows():
         bench("test_resnet32_step_pair", 0.02, device="cuda", mode="graph", precision="bf16", rdr_over_ce=1.01),
         bench("test_paired_ratios_vs_sgd", 0.0, group="sam/cuda/paired", device="cuda",
               **{"ce/sam_vs_sgd": 1.9, "ce/sam_k_vs_sgd": 1.4, "ce/looksam_vs_sgd": 1.25,
-                 "rdr/sam_vs_sgd": 2.1, "rdr/sam_k_vs_sgd": 1.35, "rdr/looksam_vs_sgd": 1.35}),
+                 "rdr/sam_vs_sgd": 2.1, "rdr/sam_k_vs_sgd": 1.35, "rdr/looksam_vs_sgd": 1.35,
+                 "sam_rdr_vs_sam_ce": 1.02}),
         bench("test_sam_step", 10.0, device="cuda", mode="graph", method="sam", loss="ce"),
         bench("test_sam_step", 10.2, device="cuda", mode="graph", method="sam", loss="rdr"),
         bench("test_sam_step", 1.0, device="cuda", mode="eager", method="sam", loss="rdr"),  # no ce row
@@ -95,6 +100,9 @@ def test_checks_are_computed_from_the_rows():
     assert got == [
         ("weights+update cpu: cpp vs the reference loop at (128, 100, 64)", "missing", None),
         ("weights+update cuda: triton vs the reference loop at (128, 100, 64)", "pass", 125.0),
+        ("weights+update cuda: triton vs the authors' structure at (128, 100, 64)", "pass", 200.0),
+        ("weights+update cpu, 1 thread: cpp vs the authors' structure at (256, 1000, 512)", "FAIL", 125.0),
+        ("weights+update+loss cuda: rdr_fast vs the authors' structure at (128, 100, 64)", "missing", None),
         ("ResNet-32 step cpu eager fp32: RDR / CE (paired)", "missing", None),
         ("ResNet-32 step cuda graph bf16: RDR / CE (paired)", "pass", 1.01),
         ("ResNet-32 step cuda graph fp32: RDR / CE (paired)", "FAIL", 1.05),
@@ -102,6 +110,7 @@ def test_checks_are_computed_from_the_rows():
         ("SAM cuda ce: min(sam_k, looksam) / SGD step (paired)", "pass", 1.25),
         ("SAM cuda rdr: fused SAM / SGD step (paired)", "FAIL", 2.1),
         ("SAM cuda rdr: min(sam_k, looksam) / SGD step (paired)", "FAIL", 1.35),
+        ("SAM cuda: with RDR / without (paired)", "pass", 1.02),
         ("SAM step cuda eager: with RDR / without", "missing", None),
         ("SAM step cuda graph: with RDR / without", "pass", 1.02),
     ]
@@ -120,3 +129,15 @@ def test_tables_rate_each_row_against_the_baselines_of_its_group():
     assert "| cpp | 1,000.0 | 1,000.0 | 1 | 2.00× |" in lines
     assert "paired: ce/sam_vs_sgd = 1.9500" in lines
     assert not any(line.startswith("| paired") for line in lines)  # a paired group has no timed row
+
+
+def test_scaling_rows_get_one_table_of_their_own():
+    summarize = load_bench_module("summarize")
+    info = dict(op="weights+update", device="cpu", backend="cpp", shape=[128, 1000, 64], peak_extra_bytes=2048,
+                flops=2e6, bytes=4e6, attainable_fraction=0.25)
+    data = {"benchmarks": [bench("test_scaling_weights_and_update", 1e-3, group="scaling/weights+update/x", **info),
+                           bench("test_loss", 2e-3, group="loss", backend="unfused")]}
+    assert "scaling/" not in summarize.tables(data) and "**loss**" in summarize.tables(data)
+    table = summarize.scaling_table(data).splitlines()
+    assert table[2] == "| weights+update | cpu | cpp | 128 | 1000 | 64 | 1,000.0 | 2.0 | 2.00 | 4.00 | 25.0% |"
+    assert summarize.scaling_table({"benchmarks": data["benchmarks"][1:]}) == ""
