@@ -3,29 +3,40 @@ from __future__ import annotations
 
 from .cifar import load_cifar_lt
 from .common import DataNotFoundError, LTDataset
-from .oltr import load_oltr_lt
+from .oltr import LISTS, load_oltr_lt
+from .own import load_folder, load_list
 from .small import load_digits_lt, load_fmnist_lt
 
-DATASETS = ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt", "places_lt")
+DATASETS = ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt", "places_lt", "inat2018",
+            "folder", "list")
 # Facts callers may check before loading anything (the CLI validates flags with them).
 GRAYSCALE = ("digits_lt", "fmnist_lt")        # 1-channel images
-FILE_LISTS = ("imagenet_lt", "places_lt")     # JPEG files named by OLTR list files; no download
+# Image files named by list files or folders: a data root is required, nothing downloads,
+# crops of image_size, a validation split where the source has one.
+FILE_LISTS = ("imagenet_lt", "places_lt", "inat2018", "folder", "list")
+OWN_DATA = ("folder", "list")                 # the user's own layout, not a published benchmark
 
 
 def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=0,
                  download=False, train_transform=True, image_root=None,
-                 image_size=224) -> LTDataset:
+                 image_size=224, train_list=None, test_list=None, val_list=None,
+                 skip_bad_images=False) -> LTDataset:
     """Build the LT benchmark `name` (one of DATASETS).
 
     data_root: folder with the files (cifar: defaults to ./data; fmnist: defaults to the
-      Debian package's /usr/share/datasets/fashion-mnist; imagenet/places: required).
-    imb_factor: n_max / n_min (>= 1), ignored by imagenet_lt / places_lt.
+      Debian package's /usr/share/datasets/fashion-mnist; image-file datasets: required;
+      folder: the tree with train/, test/ and optional val/; list: the folder the list
+      files' paths are relative to).
+    imb_factor: n_max / n_min (>= 1), ignored by the image-file datasets (already LT).
     noise_ratio, seed: symmetric label noise after the LT subset; seed also picks the
       LT subset (digits' train/test split is fixed and does not depend on it).
     download: fetch CIFAR / Fashion-MNIST with torchvision into data_root.
     train_transform: train-time augmentation (False: train items look like test items).
-    image_root, image_size: imagenet_lt / places_lt only (images under image_root,
-      default data_root; crops of image_size, default 224).
+    image_root: imagenet_lt / places_lt / inat2018: the images' folder (default data_root).
+    image_size: image-file datasets: crops of image_size (default 224).
+    train_list, test_list, val_list: list only: the list files (val optional).
+    skip_bad_images: image-file datasets: leave out the files Pillow cannot read (counted
+      in ds.skipped_images) instead of refusing them.
     """
     kw = dict(noise_ratio=noise_ratio, seed=seed)
     if name == "digits_lt":
@@ -36,10 +47,14 @@ def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=
     if name in ("cifar10_lt", "cifar100_lt"):
         return load_cifar_lt(name, data_root, imb_factor=imb_factor, download=download,
                              train_transform=train_transform, **kw)
-    if name in FILE_LISTS:
-        if download:
-            raise DataNotFoundError(f"{name} cannot be downloaded automatically; get the "
-                                    "images and OLTR list files, then pass --data-root DIR")
-        return load_oltr_lt(name, data_root, train_transform=train_transform,
-                            image_root=image_root, image_size=image_size, **kw)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in FILE_LISTS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if download:
+        raise DataNotFoundError(f"{name} cannot be downloaded automatically; get the "
+                                "images (and list files), then pass --data-root DIR")
+    kw.update(train_transform=train_transform, image_size=image_size, skip_bad_images=skip_bad_images)
+    if name in LISTS:
+        return load_oltr_lt(name, data_root, image_root=image_root, **kw)
+    if name == "folder":
+        return load_folder(data_root, **kw)
+    return load_list(data_root, train_list, test_list, val_list, **kw)

@@ -9,7 +9,7 @@ from . import dali_loader
 from .common import LTDataset
 from .gpu_loader import GPUResidentLoader
 from .sampling import check_shard
-from .torch_loader import torch_loaders
+from .torch_loader import torch_eval_loader, torch_loaders
 
 LOADERS = ("auto", "torch", "dali", "gpu")
 
@@ -51,8 +51,10 @@ def default_threads(num_workers: int) -> int:
 
 
 def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: int = 0,
-                 loader: str = "auto", device=None, shard_id: int = 0, num_shards: int = 1):
-    """(train_loader, test_loader) for `ds`: iterables of (x float32 [B, C, H, W] on
+                 loader: str = "auto", device=None, shard_id: int = 0, num_shards: int = 1,
+                 val: bool = False):
+    """(train_loader, test_loader) for `ds`, and with ``val=True`` a third, the
+    validation loader (None where ds.val is None): iterables of (x float32 [B, C, H, W] on
     `device`, y int64 [B]) with len() and set_epoch(e); epoch e's order is a pure
     function of (seed, e) and each pass advances the epoch by one.
 
@@ -76,16 +78,22 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
     kind = resolve_loader(ds, loader, device)
     common = dict(seed=seed, shard_id=shard_id, num_shards=num_shards)
     if kind == "torch":
-        return torch_loaders(ds, batch_size, num_workers=num_workers, device=device, **common)
-    if kind == "gpu":
-        dev = device if device is not None else "cpu"
-        return (GPUResidentLoader(ds.train, batch_size, train=True, device=dev, **common),
-                GPUResidentLoader(ds.test, batch_size, train=False, device=dev, **common))
-    cls = (dali_loader.DALIArrayLoader if image_kind(ds.train) == "tensor"
-           else dali_loader.DALIFileLoader)
-    common.update(device=device, num_threads=default_threads(num_workers))
-    return (cls(ds.train, batch_size, train=True, **common),
-            cls(ds.test, batch_size, train=False, **common))
+        train, test = torch_loaders(ds, batch_size, num_workers=num_workers, device=device, **common)
+        common = dict(shard_id=shard_id, num_shards=num_shards, num_workers=num_workers, device=device)
+        make_eval = lambda split: torch_eval_loader(split, batch_size, **common)  # noqa: E731
+    else:
+        if kind == "gpu":
+            common.update(device=device if device is not None else "cpu")
+            cls = GPUResidentLoader
+        else:
+            common.update(device=device, num_threads=default_threads(num_workers))
+            cls = (dali_loader.DALIArrayLoader if image_kind(ds.train) == "tensor"
+                   else dali_loader.DALIFileLoader)
+        make_eval = lambda split: cls(split, batch_size, train=False, **common)  # noqa: E731
+        train, test = cls(ds.train, batch_size, train=True, **common), make_eval(ds.test)
+    if not val:
+        return train, test
+    return train, test, None if ds.val is None else make_eval(ds.val)
 
 
 def set_epoch(loader, epoch: int) -> None:
