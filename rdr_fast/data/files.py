@@ -138,14 +138,18 @@ def class_order(labels) -> list:
     return [names[i].item() if hasattr(names[i], "item") else names[i] for i in order]
 
 
+def check_classes(listing: Listing, classes, train_source: str) -> None:
+    """Every label of a test or val split is a training class (``classes``: a set or dict)."""
+    for i, y in enumerate(listing.labels):
+        if y not in classes:
+            raise DataNotFoundError(f"{listing.where(i)}: class {y!r} does not occur in the training set "
+                                    f"({train_source}); every class must have training images")
+
+
 def targets_of(listing: Listing, label_map: dict, train_source: str) -> np.ndarray:
     """The re-indexed labels of a split; a label outside the training classes is refused."""
-    try:
-        return np.fromiter((label_map[y] for y in listing.labels), dtype=np.int64, count=len(listing.labels))
-    except KeyError:
-        i = next(i for i, y in enumerate(listing.labels) if y not in label_map)
-        raise DataNotFoundError(f"{listing.where(i)}: class {listing.labels[i]!r} does not occur in the "
-                                f"training set ({train_source}); every class must have training images") from None
+    check_classes(listing, label_map, train_source)
+    return np.fromiter((label_map[y] for y in listing.labels), dtype=np.int64, count=len(listing.labels))
 
 
 def _header_problem(path: str) -> str | None:
@@ -223,6 +227,8 @@ def file_lt_dataset(name: str, train: Listing, test: Listing, val: Listing | Non
     if image_root is not None:
         for s in splits:
             s.paths = [os.path.join(image_root, p) for p in s.paths]
+    for s in splits[1:]:   # labels first: a wrong list is told before its images are opened
+        check_classes(s, set(train.labels), train.source)
     skipped = [p for s in splits for p in check_images(s, skip_bad_images)]
     for s in splits:
         if not s.paths:
