@@ -10,10 +10,12 @@ run exactly where its last completed epoch left it (however it stopped, kill -9
 included; from the start if no epoch was completed); `--export FILE` writes the model's
 weights alone for sharing (with `--resume DIR`: only that, no training).
 
-Every flag is checked before any work starts (rdr_fast.cli_checks): a bad one is refused
-with one `error:` line and exit status 2. A run that fails on its way (missing or corrupt
-data, an unreadable checkpoint, a full disk, a non-finite loss) stops with one `error:`
-line and exit status 1; set RDR_FAST_DEBUG=1 to get the traceback instead.
+Every flag is checked before any work starts (rdr_fast.cli_checks), and the dataset is
+loaded (every listed image checked) before anything is written: a bad flag or unusable
+data is refused with one `error:` line and exit status 2. A run that fails on its way (an
+image damaged past its header, an unreadable checkpoint, a full disk, a non-finite loss)
+stops with one `error:` line and exit status 1; set RDR_FAST_DEBUG=1 to get the
+traceback instead.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rdr_fast import evaluate, train
+from rdr_fast import evaluate, run_io, train
 from rdr_fast.data import DataNotFoundError, load_dataset
 from rdr_fast.data.dali_loader import dali_available
 from rdr_fast.data.oltr import INAT_NORM
@@ -95,6 +95,9 @@ def test_folder_counts_order_label_map_selection_on_val_and_resume(tree, tmp_pat
     assert summary["best"]["val_acc_all"] == max(float(r["val_acc_all"]) for r in rows)
     checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert checkpoint["identity"]["classes"] == ORDER and checkpoint["identity"]["image_size"] == 16
+    with pytest.raises(run_io.CheckpointError, match="classes"):     # the data's classes changed since
+        run_io.load_checkpoint(str(out), {"classes": ORDER[::-1]})
+    run_io.load_checkpoint(str(out), {"added_later": 1})             # a key the checkpoint predates
     # best.pt on the val split reproduces the val metrics of the epoch it was selected at,
     # on the test split that epoch's test metrics.
     best = summary["best"]
