@@ -283,3 +283,20 @@ def test_api_refuses_with_data_not_found(tmp_path):
     assert ds.class_counts == [TRAIN[c] for c in ORDER]
     x, y = ds.train[0]
     assert x.shape == (3, 16, 16) and isinstance(y, int)
+
+
+def test_formats_dali_cannot_decode_go_to_the_torch_loader(tmp_path):
+    from rdr_fast.data import resolve_loader
+    root = make_folder(tmp_path / "tree", splits=(("train", TRAIN), ("test", TEST)))
+    images = {f"train/{c}/{n}.gif": c for c in TRAIN for n in range(2)}
+    for path in images:
+        write_image(os.path.join(root, path), 1)   # GIF: Pillow reads it, DALI does not
+    with open(os.path.join(root, "train.txt"), "w", encoding="utf-8") as handle:
+        handle.write("".join(f"{path}\t{c}\n" for path, c in images.items()))
+    write_list(os.path.join(root, "test.txt"), root, "test", lambda c: c)
+    ds = load_dataset("list", data_root=root, train_list=os.path.join(root, "train.txt"),
+                      test_list=os.path.join(root, "test.txt"), image_size=16)
+    assert "GIF" in ds.train.formats and resolve_loader(ds, "auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="GIF"):
+        resolve_loader(ds, "dali", "cpu")
+    assert ds.train[0][0].shape == (3, 16, 16)

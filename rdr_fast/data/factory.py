@@ -21,10 +21,16 @@ def image_kind(dataset) -> str | None:
     return None if fmt is None else fmt.kind
 
 
+def _beyond_dali(ds) -> set:
+    """The image formats (as Pillow names them) of the dataset's files that DALI cannot decode."""
+    return set(getattr(ds.train, "formats", ())) - dali_loader.DALI_FORMATS
+
+
 def resolve_loader(ds, loader: str = "auto", device=None) -> str:
     """The back-end `auto` means for this dataset and device: gpu-resident for
     in-memory tensor images on a CUDA device, DALI for image files when DALI is
-    installed, torch otherwise. Explicit choices are validated."""
+    installed and decodes all their formats (``ds.train.formats``, where the builder
+    found them), torch otherwise. Explicit choices are validated."""
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
     kind = image_kind(ds.train)
@@ -32,13 +38,16 @@ def resolve_loader(ds, loader: str = "auto", device=None) -> str:
     if loader == "auto":
         if kind == "tensor" and cuda:
             return "gpu"
-        if kind == "files" and dali_loader.dali_available():
+        if kind == "files" and dali_loader.dali_available() and not _beyond_dali(ds):
             return "dali"
         return "torch"
     if loader == "gpu" and kind != "tensor":
         raise ValueError(f"loader 'gpu' needs in-memory tensor images (digits_lt, fmnist_lt, "
                          f"cifar*_lt); {ds.name}'s train images are of kind {kind!r}: "
                          "use 'dali' or 'torch'")
+    if loader == "dali" and _beyond_dali(ds):
+        raise ValueError(f"loader 'dali' cannot decode the {', '.join(sorted(_beyond_dali(ds)))} images of "
+                         f"{ds.name} (it decodes {', '.join(sorted(dali_loader.DALI_FORMATS))}): use 'torch'")
     if loader == "dali" and kind is None:
         raise ValueError(f"loader 'dali' needs an ImageFormat on the dataset (ds.train.image_format); "
                          f"{ds.name} has none: use 'torch'")

@@ -55,9 +55,11 @@ class ListImageDataset(torch.utils.data.Dataset):
       (torchvision_transform). Item i: (transformed RGB image float32 [3, H, W], int
       label). An unreadable image raises DataNotFoundError naming the file (not a bare
       PIL/OS error from a worker).
+    formats: the image formats (Pillow's names) of the dataset's files where they are
+      known (file_lt_dataset: of all its splits), which resolve_loader checks DALI decodes.
     """
 
-    def __init__(self, paths, targets, fmt: ImageFormat, clean_targets=None):
+    def __init__(self, paths, targets, fmt: ImageFormat, clean_targets=None, formats=()):
         if fmt.kind != "files":
             raise ValueError(f"fmt.kind must be 'files' for a list of image paths, "
                              f"got {fmt.kind!r}")
@@ -66,12 +68,13 @@ class ListImageDataset(torch.utils.data.Dataset):
         self.clean_targets = (self.targets.clone() if clean_targets is None else
                               torch.as_tensor(np.asarray(clean_targets), dtype=torch.int64))
         self.image_format = fmt
+        self.formats = frozenset(formats)
         self.transform = torchvision_transform(fmt)
 
     def without_augmentation(self) -> "ListImageDataset":
         """The same files and labels with the test transform (resize, centre crop)."""
         fmt = dataclasses.replace(self.image_format, augment="none")
-        return ListImageDataset(self.paths, self.targets, fmt, self.clean_targets)
+        return ListImageDataset(self.paths, self.targets, fmt, self.clean_targets, self.formats)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -152,25 +155,28 @@ def targets_of(listing: Listing, label_map: dict, train_source: str) -> np.ndarr
     return np.fromiter((label_map[y] for y in listing.labels), dtype=np.int64, count=len(listing.labels))
 
 
-def _header_problem(path: str) -> str | None:
-    """Why Pillow cannot read this file's header (None when it can)."""
+def _header_problem(path: str) -> tuple[str | None, str | None]:
+    """(why Pillow cannot read this file's header or None, its format as Pillow names it)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             im.verify()     # the header and the format's own checks; no full decode
+            return None, im.format
     except FileNotFoundError:
-        return "missing"
+        return "missing", None
     except Exception as e:   # Pillow raises many kinds (SyntaxError, struct.error, ...)
-        return f"{type(e).__name__}: {' '.join(str(e).split())}"
-    return None
+        return f"{type(e).__name__}: {' '.join(str(e).split())}", None
 
 
-def check_images(listing: Listing, skip_bad: bool, threads: int = 8) -> list[str]:
+def check_images(listing: Listing, skip_bad: bool, threads: int = 8) -> tuple[list[str], set[str]]:
     """Every file of ``listing`` exists and has a header Pillow reads. Missing files are
     always refused (a wrong root, most likely); unreadable ones are refused too, or with
-    ``skip_bad`` removed from the listing in place. Returns the removed paths."""
+    ``skip_bad`` removed from the listing in place. Returns (the removed paths, the image
+    formats of the rest)."""
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        problems = list(pool.map(_header_problem, listing.paths, chunksize=64))
+        found = list(pool.map(_header_problem, listing.paths, chunksize=64))
+    problems = [problem for problem, _ in found]
+    formats = {fmt for problem, fmt in found if problem is None}
     missing = [i for i, p in enumerate(problems) if p == "missing"]
     bad = [i for i, p in enumerate(problems) if p not in (None, "missing")]
     if missing:
@@ -186,7 +192,7 @@ def check_images(listing: Listing, skip_bad: bool, threads: int = 8) -> list[str
         values = getattr(listing, field)
         if values is not None:
             setattr(listing, field, [v for i, v in enumerate(values) if i not in drop])
-    return removed
+    return removed, formats
 
 
 def _names(listing: Listing, items: list[int], problems: list) -> str:
@@ -229,7 +235,9 @@ def file_lt_dataset(name: str, train: Listing, test: Listing, val: Listing | Non
             s.paths = [os.path.join(image_root, p) for p in s.paths]
     for s in splits[1:]:   # labels first: a wrong list is told before its images are opened
         check_classes(s, set(train.labels), train.source)
-    skipped = [p for s in splits for p in check_images(s, skip_bad_images)]
+    checked = [check_images(s, skip_bad_images) for s in splits]
+    skipped = [p for removed, _ in checked for p in removed]
+    formats = frozenset().union(*(found for _, found in checked))
     for s in splits:
         if not s.paths:
             raise DataNotFoundError(f"{s.source}: no readable image is left")
@@ -240,9 +248,9 @@ def file_lt_dataset(name: str, train: Listing, test: Listing, val: Listing | Non
     test_y = targets_of(test, label_map, train.source)
     val_y = None if val is None else targets_of(val, label_map, train.source)
     fmt = lambda augment: image_format(image_size, augment, norm)  # noqa: E731
-    return LTDataset(name=name, train=ListImageDataset(train.paths, noisy, fmt(train_transform), clean_targets=clean),
-                     test=ListImageDataset(test.paths, test_y, fmt(False)), class_counts=counts,
-                     splits=class_splits(name, len(classes)), in_channels=3, image_size=image_size,
-                     label_map=label_map,
+    train_ds = ListImageDataset(train.paths, noisy, fmt(train_transform), clean_targets=clean, formats=formats)
+    return LTDataset(name=name, train=train_ds, test=ListImageDataset(test.paths, test_y, fmt(False)),
+                     class_counts=counts, splits=class_splits(name, len(classes)), in_channels=3,
+                     image_size=image_size, label_map=label_map,
                      val=None if val is None else ListImageDataset(val.paths, val_y, fmt(False)),
                      skipped_images=tuple(skipped))
