@@ -300,3 +300,15 @@ def test_formats_dali_cannot_decode_go_to_the_torch_loader(tmp_path):
     with pytest.raises(ValueError, match="GIF"):
         resolve_loader(ds, "dali", "cpu")
     assert ds.train[0][0].shape == (3, 16, 16)
+
+
+def test_default_models_and_batch_for_the_image_file_datasets(tree, tmp_path):
+    from rdr_fast.models import default_model
+    assert default_model("inat2018") == "resnet50"
+    assert [default_model("folder", size) for size in (32, 64, 65, 224)] == ["resnet32"] * 2 + ["resnet50"] * 2
+    common = ["--data-root", tree, "--out", str(tmp_path / "run")]
+    small = train.configure(["--dataset", "folder", "--image-size", "48", *common])
+    assert (small.model, small.image_size, small.batch_size) == ("resnet32", 48, 128)
+    large = train.configure(["--dataset", "folder", *common])
+    assert (large.model, large.image_size) == ("resnet50", 224)
+    assert train.configure(["--dataset", "digits_lt", "--out", str(tmp_path / "run")]).image_size is None

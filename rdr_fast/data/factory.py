@@ -71,14 +71,14 @@ def make_loaders(ds: LTDataset, batch_size: int, *, seed: int = 0, num_workers: 
       `device`, batched torch augmentation; in-memory datasets; CPU works too), "dali"
       (NVIDIA DALI, optional extra: pip install "rdr_fast[dali]"; CPU pipelines with
       num_workers threads, default up to 4, GPU/mixed decoding on a CUDA device), or
-      "auto": gpu for in-memory datasets on a CUDA device, dali for JPEG list datasets
+      "auto": gpu for in-memory datasets on a CUDA device, dali for image-file datasets
       when DALI is installed, torch otherwise (see resolve_loader).
     device: where batches land (None: CPU; the torch loader pins and copies).
     shard_id / num_shards: this process's share for multi-process training; batch_size
       is then the global batch (see rdr_fast.data.sampling for the convention).
     Every loader takes its transforms from the splits' ImageFormat (ds.train.image_format,
     ds.test.image_format: zero-padded random crop + flip p=0.5 for the in-memory sets,
-    random-resized crop + flip + colour jitter for the JPEG sets; the format's mean/std;
+    random-resized crop + flip + colour jitter for the image-file sets; the format's mean/std;
     deterministic test transforms) and shares the epoch order; train batches are not dropped (the last one is partial). The torch loader
     draws its augmentation from torch's global RNG (call torch.manual_seed) or, with
     workers, from a Generator seeded by `seed`; gpu and dali draw it from (seed, epoch).
