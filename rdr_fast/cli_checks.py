@@ -83,6 +83,7 @@ RANGES = {
     "eval_every": at_least(1),
     "num_workers": at_least(0),
     "stop_after": at_least(1),
+    "image_size": within(8, 1024),              # crops; ImageNet recipes use 224, CIFAR-like sets 32
 }
 
 
@@ -211,15 +212,39 @@ def _data_source(cfg) -> str | None:
         return f"{given} does not apply to digits_lt (scikit-learn bundles it)"
     if cfg.dataset in FILE_LISTS and cfg.download:
         return (f"--download: {cfg.dataset} cannot be downloaded automatically; get the images "
-                "and the OLTR list files, then pass --data-root DIR")
+                "(and list files), then pass --data-root DIR")
     if cfg.dataset in FILE_LISTS and not cfg.data_root:
-        return f"--data-root is required for {cfg.dataset}: the folder with its OLTR list files"
+        return f"--data-root is required for {cfg.dataset}: {DATA_ROOT_HOLDS.get(cfg.dataset, 'the folder with its list files')}"
     if cfg.data_root and not cfg.download and not os.path.isdir(cfg.data_root):
         return f"--data-root {cfg.data_root} is not an existing folder"
     if cfg.download:
         root = cfg.data_root or "data"     # where the CIFAR and Fashion-MNIST loaders download to
         problem = _unwritable(root)
         return f"--download into {root}: {problem}" if problem else None
+    return None
+
+
+DATA_ROOT_HOLDS = {"folder": "the folder with train/ and test/ (and optionally val/), one sub-folder per class",
+                   "list": "the folder the paths in the list files are relative to"}
+LIST_FLAGS = ("train_list", "test_list", "val_list")
+
+
+def _own_data_flags(cfg) -> str | None:
+    """The list files for --dataset list (and only there); image-file options only for image files."""
+    given = [name for name in LIST_FLAGS if getattr(cfg, name)]
+    if cfg.dataset != "list" and given:
+        return f"{flag(given[0])} applies to --dataset list only (got --dataset {cfg.dataset})"
+    if cfg.dataset == "list":
+        for name in LIST_FLAGS[:2]:
+            if not getattr(cfg, name):
+                return f"{flag(name)} FILE is required for --dataset list (lines 'relative/path label')"
+        for name in given:
+            if not os.path.isfile(getattr(cfg, name)):
+                return f"{flag(name)} {getattr(cfg, name)} is not an existing file"
+    if cfg.dataset not in FILE_LISTS:
+        for name, value in (("image_size", cfg.image_size), ("skip_bad_images", cfg.skip_bad_images)):
+            if value:
+                return f"{flag(name)} applies to image-file datasets ({', '.join(FILE_LISTS)}), not {cfg.dataset}"
     return None
 
 
@@ -369,7 +394,8 @@ def _export_usable(cfg) -> str | None:
     return f"--export {cfg.export}: {problem}" if problem else None
 
 
-SETUP_CHECKS = (_model_fits_dataset, _warmup_ends, _lr_schedule_fits, _profile_applies, _workers_fit, _data_source, _loader_fits, _device_exists,
+SETUP_CHECKS = (_model_fits_dataset, _warmup_ends, _lr_schedule_fits, _profile_applies, _workers_fit, _own_data_flags,
+                _data_source, _loader_fits, _device_exists,
                 _precision_supported, _compile_possible, _pretrained_fits, _files_exist, _out_usable,
                 _export_usable, _augment_fits)
 

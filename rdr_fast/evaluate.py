@@ -1,7 +1,8 @@
 """Evaluate a training run's saved model: `python -m rdr_fast.evaluate RUN_DIR [--flags]`.
 
 Rebuilds the run's model from its config.json, loads the weights of its best (best.pt,
-default) or last (checkpoint.pt) epoch, evaluates it on the test set with the run's own
+default) or last (checkpoint.pt) epoch, evaluates it on the test set (--split val: the
+validation split, where the run's dataset has one) with the run's own
 loader and batch size, and writes RUN_DIR/eval.json with every metric of
 rdr_fast.metrics (top-1/5, Many/Medium/Few by class index and by training count,
 balanced and worst-class accuracy, ECE, NLL, per class) and prints them. On the
@@ -55,12 +56,16 @@ class PosthocAdjusted(torch.nn.Module):
 
 def evaluate_run(args) -> dict:
     run = open_run(args.run_dir, args.which, args.device)
-    if args.split == "val":
-        raise UsageError(f"{run.cfg.dataset} has no validation split: rdr_fast selects and evaluates on the test set")
+    if args.split == "val" and run.ds.val is None:
+        raise UsageError(f"--split val: {run.cfg.dataset} here has no validation split (folder: a val/ folder, "
+                         "list: --val-list, ImageNet-LT / Places-LT: the val list file); the run selected on "
+                         "the test set")
     cfg = dataclasses.replace(run.cfg, device=args.device, amp=run.cfg.amp and args.device.startswith("cuda"))
-    _, test_loader = make_loaders(run.ds, cfg.batch_size, seed=cfg.seed, loader=cfg.loader, device=args.device)
+    _, test_loader, val_loader = make_loaders(run.ds, cfg.batch_size, seed=cfg.seed, loader=cfg.loader,
+                                              device=args.device, val=True)
+    loader = val_loader if args.split == "val" else test_loader
     model = PosthocAdjusted(run.model, run.ds.class_counts, args.posthoc_tau) if args.posthoc_tau else run.model
-    metrics = evaluate_model(cfg, model, test_loader, run.ds.num_classes).compute(run.ds.class_counts, run.ds.splits)
+    metrics = evaluate_model(cfg, model, loader, run.ds.num_classes).compute(run.ds.class_counts, run.ds.splits)
     result = {"run": run.folder, "which": args.which, "epoch": run.epoch, "split": args.split,
               "posthoc_tau": args.posthoc_tau, **metrics}
     run_io.write_json(os.path.join(run.folder, "eval.json"), result)

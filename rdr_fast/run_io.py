@@ -139,8 +139,9 @@ def load_checkpoint(folder: str, identity: dict | None = None, name: str = CHECK
     saved = state.get("identity") if isinstance(state, dict) else None
     if saved is None:
         raise CheckpointError(f"{path} is not an rdr_fast training checkpoint")
+    # A key the checkpoint lacks was added to the identity after it was written: not compared.
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in (identity or {}).items()
-             if saved.get(k) != v]
+             if k in saved and saved[k] != v]
     if diffs:
         raise CheckpointError(f"checkpoint {path} belongs to another experiment; " + "; ".join(diffs))
     return state

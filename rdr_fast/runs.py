@@ -14,9 +14,9 @@ import torch
 
 from . import RDRLoss, run_io
 from .cli_checks import UsageError, UsageParser
-from .data import DataNotFoundError, LTDataset, load_dataset
+from .data import DataNotFoundError, LTDataset
 from .models import build_model
-from .train import Config, read_config_json
+from .train import Config, identity, load_run_dataset, read_config_json
 
 CHECKPOINTS = {"best": run_io.BEST, "last": run_io.CHECKPOINT}  # --which: the file each choice reads
 
@@ -55,9 +55,9 @@ def open_run(folder: str, which: str = "last", device: str = "cpu") -> OpenRun:
     path = os.path.join(folder, CHECKPOINTS[which])
     if not os.path.isfile(path):
         raise UsageError(f"{folder} has no {which} checkpoint: {path} does not exist")
-    state = run_io.load_checkpoint(folder, name=CHECKPOINTS[which])
-    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, imb_type=cfg.imb_type,
-                      noise_ratio=cfg.noise_ratio, seed=cfg.seed)
+    ds = load_run_dataset(cfg)
+    # The classes must be the run's: a folder whose classes changed since would mislabel them.
+    state = run_io.load_checkpoint(folder, {"classes": identity(cfg, ds)["classes"]}, name=CHECKPOINTS[which])
     model = build_model(cfg.model, ds.num_classes, ds.in_channels).to(device)
     model.load_state_dict(state["model"])
     criterion = RDRLoss(ds.class_counts, model.feat_dim, base=cfg.loss, reweight=cfg.reweight,

@@ -13,10 +13,12 @@ run exactly where its last completed epoch left it (however it stopped, kill -9
 included; from the start if no epoch was completed); `--export FILE` writes the model's
 weights alone for sharing (with `--resume DIR`: only that, no training).
 
-Every flag is checked before any work starts (rdr_fast.cli_checks): a bad one is refused
-with one `error:` line and exit status 2. A run that fails on its way (missing or corrupt
-data, an unreadable checkpoint, a full disk, a non-finite loss) stops with one `error:`
-line and exit status 1; set RDR_FAST_DEBUG=1 to get the traceback instead.
+Every flag is checked before any work starts (rdr_fast.cli_checks), and the dataset is
+loaded (every listed image checked) before anything is written: a bad flag or unusable
+data is refused with one `error:` line and exit status 2. A run that fails on its way (an
+image damaged past its header, an unreadable checkpoint, a full disk, a non-finite loss)
+stops with one `error:` line and exit status 1; set RDR_FAST_DEBUG=1 to get the
+traceback instead.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from tqdm import tqdm
 from . import RDRLoss, cli_checks, distributed, recipes, run_io
 from .cli_checks import UsageError, UsageParser
 from .data import BASIC_AUGMENT_ONLY, DATASETS, IMB_TYPES, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
+from .data.datasets import FILE_LISTS
 from .metrics import Evaluation, count_splits
 from .models import MODELS, build_model, default_model
 from .sam import VARIANTS, make_optimizer
@@ -46,8 +49,13 @@ class Config:
     dataset: str = "digits_lt"        # one of rdr_fast.data.DATASETS
     data_root: str | None = None      # folder with the dataset files
     download: bool = False            # fetch CIFAR / Fashion-MNIST through torchvision
+    train_list: str | None = None     # --dataset list: the list files ("relative/path label" lines)
+    test_list: str | None = None
+    val_list: str | None = None       # optional: the validation split best.pt is selected on
+    image_size: int | None = None     # image-file datasets: crop size, default 224
+    skip_bad_images: bool = False     # image-file datasets: leave out unreadable images instead of refusing
     imb_factor: float = 100.0         # n_max / n_min (CIFAR-LT: 10/100/200/500)
-    imb_type: str = "exp"             # exp | step: LDAM-DRW's long-tail profiles (not imagenet_lt / places_lt)
+    imb_type: str = "exp"             # exp | step: LDAM-DRW's long-tail profiles (not the image-file datasets)
     noise_ratio: float = 0.0          # symmetric label noise after the LT subset (paper: 0.05)
     model: str | None = None          # default: the paper's backbone for the dataset
     pretrained: str | None = None     # local state_dict file for the backbone
@@ -61,7 +69,7 @@ class Config:
     focal_gamma: float = 1.0          # focal's γ
     cb_beta: float = 0.9999           # CB's β
     epochs: int = 200
-    batch_size: int | None = None     # default 128, 256 for imagenet_lt / places_lt
+    batch_size: int | None = None     # default 128, 256 for imagenet_lt / places_lt / inat2018
     lr: float = 0.1                   # peak learning rate
     lr_schedule: str | None = None    # cosine | step, per epoch; default the recipe's
     lr_warmup_epochs: float | None = None  # linear lr warm-up; default the recipe's (0, official epochs·5/200)
@@ -97,7 +105,7 @@ CHOICES = {"dataset": DATASETS, "imb_type": IMB_TYPES, "model": tuple(MODELS), "
 # What a checkpoint must agree on to be resumed by this configuration (the lr schedule's
 # fields too: its scheduler's saved state fits no other schedule).
 IDENTITY_FIELDS = ("dataset", "imb_factor", "imb_type", "noise_ratio", "model", "loss", "reweight", "epochs", "seed",
-                   "sam", "recipe", "lr_schedule", "lr_warmup_epochs", "lr_milestones")
+                   "sam", "recipe", "lr_schedule", "lr_warmup_epochs", "lr_milestones", "image_size")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -182,14 +190,16 @@ def resolve(cfg: Config) -> Config:
     if cfg.lr_schedule == "step":  # a list when read back from config.json
         milestones = recipes.step_milestones(cfg.epochs) if milestones is None else tuple(milestones)
     batch = cfg.batch_size if cfg.batch_size is not None else (
-        256 if cfg.dataset in ("imagenet_lt", "places_lt") else 128)
+        256 if cfg.dataset in ("imagenet_lt", "places_lt", "inat2018") else 128)
     out = cfg.resume or cfg.out or os.path.join(
         "runs", f"{cfg.dataset}-{method_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}")
     cuda = torch.cuda.is_available()
     device = ("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device
+    image_size = cfg.image_size or (224 if cfg.dataset in FILE_LISTS else None)
     return dataclasses.replace(
-        cfg, model=cfg.model or default_model(cfg.dataset), batch_size=batch, out=out, device=device,
-        amp=device.startswith("cuda") if cfg.amp is None else cfg.amp, lr_milestones=milestones)
+        cfg, model=cfg.model or default_model(cfg.dataset, image_size), batch_size=batch, out=out, device=device,
+        image_size=image_size, amp=device.startswith("cuda") if cfg.amp is None else cfg.amp,
+        lr_milestones=milestones)
 
 
 def build(cfg: Config, ds, ctx=distributed.DistContext()):
@@ -260,18 +270,37 @@ def evaluate(cfg, model, loader, num_classes: int) -> Evaluation:
     return evaluation.all_reduce()  # each rank saw a disjoint slice of the test set
 
 
-# Model selection: the epoch with the best top-1, on the test set (the field's protocol
-# for CIFAR-LT; no dataset here loads a separate validation split).
-SELECTED_ON = "test"
+# Model selection: the epoch with the best top-1 on the validation split where the
+# dataset has one (its metrics are the row's val_* columns), else on the test set (the
+# field's protocol for CIFAR-LT, which has no validation split).
+VAL_PREFIX = "val_"
+
+
+def selected_on(ds) -> str:
+    return "test" if ds.val is None else "val"
 
 
 def best_row(history: list[dict]) -> dict:
-    """The evaluated epoch with the highest top-1 (the first of equals)."""
-    return max(history, key=lambda row: row["acc_all"])
+    """The evaluated epoch with the highest top-1 on the selection split (the first of equals)."""
+    key = VAL_PREFIX + "acc_all" if VAL_PREFIX + "acc_all" in history[0] else "acc_all"
+    return max(history, key=lambda row: row[key])
 
 
 def identity(cfg: Config, ds) -> dict:
-    return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "class_counts": [int(n) for n in ds.class_counts]}
+    """What a checkpoint must agree on to be resumed: the settings of IDENTITY_FIELDS, the
+    class counts and the classes (the original label of each index, the label map)."""
+    classes = sorted(ds.label_map, key=ds.label_map.get)
+    return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "class_counts": [int(n) for n in ds.class_counts],
+            "classes": classes}
+
+
+def load_run_dataset(cfg: Config):
+    """The dataset `cfg` names, as the run (and every command reopening it) reads it."""
+    return load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, imb_type=cfg.imb_type,
+                        noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download,
+                        augment=cfg.augment or "basic", image_size=cfg.image_size or 224,
+                        train_list=cfg.train_list, test_list=cfg.test_list, val_list=cfg.val_list,
+                        skip_bad_images=cfg.skip_bad_images)
 
 
 def restore(cfg, ds, ctx, model, criterion, optimizer, scheduler):
@@ -294,7 +323,8 @@ def log_epoch(cfg, history) -> None:
     row = history[-1]
     run_io.write_metrics(cfg.out, history)
     if not cfg.quiet:
-        print(f"epoch {row['epoch']:>4}  loss {row['train_loss']:.4f}  top-1 {row['acc_all']:6.2f}  "
+        val = f"  val top-1 {row[VAL_PREFIX + 'acc_all']:6.2f}" if VAL_PREFIX + "acc_all" in row else ""
+        print(f"epoch {row['epoch']:>4}  loss {row['train_loss']:.4f}{val}  top-1 {row['acc_all']:6.2f}  "
               f"many {row['acc_index_many']:6.2f}  med {row['acc_index_medium']:6.2f}  "
               f"few {row['acc_index_few']:6.2f}  ECE {row['ece']:5.2f}")
 
@@ -306,15 +336,17 @@ def finish(cfg, ds, ctx, evaluation: Evaluation, history) -> None:
         return
     final = evaluation.compute(ds.class_counts, ds.splits)
     summary = {"final": {**history[-1], "per_class": final["per_class"]},
-               "best": {**best_row(history), "selected_on": SELECTED_ON}, "class_counts": ds.class_counts,
+               "best": {**best_row(history), "selected_on": selected_on(ds)}, "class_counts": ds.class_counts,
                "splits": ds.splits, "count_splits": count_splits(ds.class_counts),
-               "label_map": {str(k): v for k, v in ds.label_map.items()}, "method": method_name(cfg)}
+               "label_map": {str(k): v for k, v in ds.label_map.items()}, "method": method_name(cfg),
+               "skipped_images": list(ds.skipped_images)}
     run_io.write_json(os.path.join(cfg.out, "summary.json"), summary)
     run_io.write_confusion(cfg.out, evaluation.confusion, ds.splits)
     run_io.plot_reliability(cfg.out, evaluation.calibration())
-    best = best_row(history)
-    print(f"\n{cfg.dataset} {method_name(cfg)} after {cfg.epochs} epochs ({cfg.out}); best top-1 "
-          f"{best['acc_all']:.2f} at epoch {best['epoch']} (best.pt, selected on the {SELECTED_ON} set):\n"
+    best, on = best_row(history), selected_on(ds)
+    prefix = VAL_PREFIX if on == "val" else ""
+    print(f"\n{cfg.dataset} {method_name(cfg)} after {cfg.epochs} epochs ({cfg.out}); best {on} top-1 "
+          f"{best[prefix + 'acc_all']:.2f} at epoch {best['epoch']} (best.pt, selected on the {on} set):\n"
           + run_io.summary_table(history[-1]))
 
 
@@ -348,7 +380,15 @@ def main(argv=None) -> dict:
         print(message, file=sys.stderr)
         raise Refused(message) from None
     try:
-        return export_run(cfg) if cfg.resume and cfg.export else run(cfg)
+        if cfg.resume and cfg.export:
+            return export_run(cfg)
+        try:  # data that cannot be used is refused like a bad flag: before anything is written
+            ds = load_run_dataset(cfg)
+        except DataNotFoundError as exc:
+            message = f"error: {_one_line(exc)}"
+            print(message, file=sys.stderr)
+            raise Refused(message) from None
+        return run(cfg, ds)
     except Exception as exc:
         compile_failed = cfg.compile and _compile_failure(exc)
         if not (compile_failed or isinstance(exc, RUN_FAILURES)) or os.environ.get("RDR_FAST_DEBUG"):
@@ -391,19 +431,18 @@ def export_run(cfg: Config) -> dict:
     return {"finished": state["epoch"] == cfg.epochs, "history": state["history"], "out": cfg.out}
 
 
-def run(cfg: Config) -> dict:
-    """Train (or continue) the run `cfg` describes; configure() has checked it."""
+def run(cfg: Config, ds=None) -> dict:
+    """Train (or continue) the run `cfg` describes on `ds` (default: load_run_dataset);
+    configure() has checked it."""
     ctx = distributed.init_distributed(cfg.device)
     cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device),
                               quiet=cfg.quiet or not ctx.is_main)
     torch.manual_seed(cfg.seed + ctx.rank)
-    ds = load_dataset(cfg.dataset, data_root=cfg.data_root, imb_factor=cfg.imb_factor, imb_type=cfg.imb_type,
-                      noise_ratio=cfg.noise_ratio, seed=cfg.seed, download=cfg.download,
-                      augment=cfg.augment)
+    ds = load_run_dataset(cfg) if ds is None else ds
     try:
-        train_loader, test_loader = make_loaders(ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-                                                 loader=cfg.loader, device=cfg.device, shard_id=ctx.rank,
-                                                 num_shards=ctx.world_size)
+        train_loader, test_loader, val_loader = make_loaders(
+            ds, cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, loader=cfg.loader, device=cfg.device,
+            shard_id=ctx.rank, num_shards=ctx.world_size, val=True)
         model, forward, criterion, optimizer, scheduler = build(cfg, ds, ctx)
     except (ImportError, ValueError) as exc:  # DALI not installed, a pretrained file for another model
         raise RunFailure(exc) from exc
@@ -420,7 +459,9 @@ def run(cfg: Config) -> dict:
         run_io.write_json(os.path.join(cfg.out, "config.json"),
                           {**dataclasses.asdict(cfg), "git_commit": run_io.git_commit()})
     if not cfg.quiet:
-        print(f"{cfg.dataset}: {len(ds.train)} train / {len(ds.test)} test, {ds.num_classes} classes, "
+        val = f" / {len(ds.val)} val" if ds.val is not None else ""
+        skipped = f" ({len(ds.skipped_images)} unreadable images left out)" if ds.skipped_images else ""
+        print(f"{cfg.dataset}: {len(ds.train)} train / {len(ds.test)} test{val}{skipped}, {ds.num_classes} classes, "
               f"{method_name(cfg)} on {cfg.model} ({cfg.device} x{ctx.world_size}), writing {cfg.out}")
     end_epoch = min(cfg.epochs, start_epoch + (cfg.stop_after or cfg.epochs))
     evaluation = None  # the latest epoch's test evaluation
@@ -434,6 +475,10 @@ def run(cfg: Config) -> dict:
             evaluation = evaluate(cfg, model, test_loader, ds.num_classes)
             metrics = evaluation.compute(ds.class_counts, ds.splits)
             metrics.pop("per_class")
+            if val_loader is not None:  # the selection split, under names no test metric has
+                val_metrics = evaluate(cfg, model, val_loader, ds.num_classes).compute(ds.class_counts, ds.splits)
+                val_metrics.pop("per_class")
+                metrics.update({VAL_PREFIX + k: v for k, v in val_metrics.items()})
             row = {"epoch": epoch + 1, "train_loss": loss, "lr": lr, **metrics,
                    **{f"weight_{s}": w for s, w in weights.items()}, "epoch_seconds": time.perf_counter() - tic}
             history.append(row)

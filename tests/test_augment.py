@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from rdr_fast.data import ImageFormat, LTDataset, TensorImageDataset, load_dataset, make_loaders, resolve_loader
 from rdr_fast.data import augment
-from rdr_fast.data.oltr import torchvision_transform
+from rdr_fast.data.files import torchvision_transform
 from rdr_fast.data.sampling import SeededShuffleSampler
 from test_loaders import CIFAR_NORM, HAVE_DALI, needs_cuda, needs_dali, one_pass, places_lt, tensor_ds
 

@@ -464,7 +464,7 @@ def test_unknown_dataset():
     with pytest.raises(ValueError, match="cifar10_lt"):
         load_dataset("mnist_lt")
     assert DATASETS == ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt",
-                        "places_lt")
+                        "places_lt", "inat2018", "folder", "list")
 
 
 def test_data_modules_import_each_other_without_cycles():

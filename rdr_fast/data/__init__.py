@@ -11,8 +11,11 @@ Every dataset yields (x float32 [C, H, W], y int); classes are indexed head to t
   the classes at n_max, half at n_max / IF) for CIFAR-LT, fmnist_lt and digits_lt.
 - fmnist_lt / digits_lt: the same profiles (from len(train)/10 = 6000 for
   Fashion-MNIST, from the smallest per-class pool, 124, for digits).
-- imagenet_lt / places_lt: OLTR list files; labels re-indexed by descending train
-  count (stable); imb_factor is ignored there.
+- imagenet_lt / places_lt / inat2018: the published list files; folder / list: your own
+  ImageFolder tree or list files (rdr_fast.data.own). All of them go through
+  rdr_fast.data.files: labels re-indexed by descending train count (stable), every image
+  checked up front, a validation split (ds.val) where the source has one; imb_factor is
+  ignored there.
 - Label noise: RoLT symmetric noise on the LT training set, exactly int(r*N) flips to
   another class; class_counts follow the noisy labels but class indices keep the clean
   count order. Clean labels stay in ds.train.clean_targets.

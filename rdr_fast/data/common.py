@@ -25,7 +25,10 @@ class LTDataset:
     train / test yield (x: float32 [C, H, W], y: int). class_counts are the training
     counts per class index (after label noise, if any); class 0 is the head.
     splits maps "many"/"medium"/"few" to [lo, hi) class-index ranges.
-    label_map maps an original label to its re-indexed label.
+    label_map maps an original label (an int id, or a str class name for folders and
+    list files with names) to its re-indexed label.
+    val: the validation split (the test items' transform), None where the source has none.
+    skipped_images: the unreadable files left out (load_dataset(skip_bad_images=True)).
     The builders give train and test an ImageFormat (`ds.train.image_format`, `ds.test.image_format`):
     how the images are stored and transformed, which is all the loaders read.
     """
@@ -36,7 +39,9 @@ class LTDataset:
     splits: dict[str, tuple[int, int]]
     in_channels: int
     image_size: int
-    label_map: dict[int, int]
+    label_map: dict
+    val: torch.utils.data.Dataset | None = None
+    skipped_images: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -263,6 +268,8 @@ def fix_hint(name: str) -> str:
                        "(--download is not available for this dataset)",
         "places_lt": "pass --data-root DIR holding the OLTR list files and the images "
                      "(--download is not available for this dataset)",
+        "inat2018": "pass --data-root DIR holding iNaturalist18_train.txt, iNaturalist18_val.txt "
+                    "and the images (--download is not available for this dataset)",
     }
     return "Fix: " + hints.get(name, "pass --data-root DIR")
 

@@ -56,6 +56,11 @@ INSTALL_HINT = ('pip install "rdr_fast[dali]" (the nvidia-dali-cuda130 wheel; '
                 'nvidia-dali-cuda120 for CUDA 12 drivers)')
 
 
+# What DALI's image decoder reads, as Pillow names the formats (PPM: Pillow's name for
+# PNM, .pgm / .ppm). Datasets holding any other format (GIF, ...) go to the torch loader.
+DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
+
+
 class DALINotInstalledError(ImportError):
     """loader='dali' was asked for but nvidia.dali cannot be imported."""
 

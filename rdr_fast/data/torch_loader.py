@@ -53,27 +53,39 @@ class ShardBatchSampler(torch.utils.data.Sampler):
                 yield plan.idx[lo:hi].tolist()
 
 
+def _common(num_workers, device):
+    return dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                persistent_workers=num_workers > 0, device=device)
+
+
 def torch_loaders(ds, batch_size, *, seed, num_workers, device, shard_id, num_shards):
     """(train, test) TorchLoaders; one shard (the usual case) keeps DataLoader's own
     batching over a SeededShuffleSampler, several shards batch by the sampling plans. An
     in-memory train set with AutoAugment or Cutout is always served by its plan, every
     item with the plan's draws: its batches are then a function of (seed, epoch) alone,
     whatever num_workers, and equal the gpu loader's."""
-    common = dict(num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=num_workers > 0, device=device)
+    common = _common(num_workers, device)
     gen = torch.Generator().manual_seed(seed)
+    test = torch_eval_loader(ds.test, batch_size, num_workers=num_workers, device=device,
+                             shard_id=shard_id, num_shards=num_shards)
     fmt = getattr(ds.train, "image_format", None)
     planned = fmt is not None and fmt.kind == "tensor" and augment.needs_draws(fmt)
     if num_shards == 1 and not planned:
         train = TorchLoader(ds.train, batch_size=batch_size,
                             sampler=SeededShuffleSampler(len(ds.train), seed), drop_last=False,
                             generator=gen, **common)
-        test = TorchLoader(ds.test, batch_size=batch_size, shuffle=False, **common)
         return train, test
     draws = dict(pad=fmt.pad, flip=fmt.flip, augment_draws=augment.plan_draws(fmt)) if planned else {}
     tr = EpochLoader(len(ds.train), batch_size, seed=seed, shard_id=shard_id, num_shards=num_shards, **draws)
-    te = EpochLoader(len(ds.test), batch_size, train=False, shard_id=shard_id, num_shards=num_shards)
     train = TorchLoader(ds.train, batch_sampler=ShardBatchSampler(tr, with_draws=planned),
                         generator=gen, **common)
-    test = TorchLoader(ds.test, batch_sampler=ShardBatchSampler(te), **common)
     return train, test
+
+
+def torch_eval_loader(dataset, batch_size, *, num_workers, device, shard_id, num_shards):
+    """A TorchLoader over an evaluation split (test or val) in order: this shard's slice."""
+    common = _common(num_workers, device)
+    if num_shards == 1:
+        return TorchLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+    plans = EpochLoader(len(dataset), batch_size, train=False, shard_id=shard_id, num_shards=num_shards)
+    return TorchLoader(dataset, batch_sampler=ShardBatchSampler(plans), **common)

@@ -22,8 +22,12 @@ MODELS = {"resnet32": resnet32, "resnet50": resnet50, "resnet152": resnet152,
           "small_cnn": small_cnn}
 
 _DEFAULTS = {"digits_lt": "small_cnn", "fmnist_lt": "small_cnn", "cifar10_lt": "resnet32",
-             "cifar100_lt": "resnet32", "imagenet_lt": "resnet50", "places_lt": "resnet152"}
-
+             "cifar100_lt": "resnet32", "imagenet_lt": "resnet50", "places_lt": "resnet152",
+             "inat2018": "resnet50"}
+# The user's own images (--dataset folder / list): CIFAR's ResNet-32 for small crops, whose
+# 3x3 stem keeps their resolution, else ImageNet's ResNet-50.
+OWN_DATA = ("folder", "list")
+SMALL_IMAGES = 64
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, pretrained=None):
     """Build MODELS[name]. in_channels applies to resnet32 / small_cnn (the ImageNet
@@ -41,10 +45,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, pretrained=No
     return model
 
 
-def default_model(dataset_name: str) -> str:
+def default_model(dataset_name: str, image_size: int | None = None) -> str:
     """The paper's backbone for a dataset: cifar* -> resnet32, imagenet_lt -> resnet50,
-    places_lt -> resnet152, digits_lt / fmnist_lt -> small_cnn."""
+    places_lt -> resnet152, digits_lt / fmnist_lt -> small_cnn; inat2018 -> resnet50 (as
+    the field trains it); folder / list -> resnet32 for image_size <= 64, else resnet50."""
+    if dataset_name in OWN_DATA:
+        return "resnet32" if image_size is not None and image_size <= SMALL_IMAGES else "resnet50"
     if dataset_name not in _DEFAULTS:
         raise ValueError(f"no default model for {dataset_name!r}; known datasets: "
-                         f"{', '.join(_DEFAULTS)}")
+                         f"{', '.join((*_DEFAULTS, *OWN_DATA))}")
     return _DEFAULTS[dataset_name]
