@@ -16,7 +16,8 @@ from . import RDRLoss, run_io
 from .cli_checks import UsageError, UsageParser
 from .data import DataNotFoundError, LTDataset, load_dataset
 from .models import build_model
-from .train import Config, read_config_json
+from .config_file import read_config_json
+from .train import Config
 
 CHECKPOINTS = {"best": run_io.BEST, "last": run_io.CHECKPOINT}  # --which: the file each choice reads
 

@@ -8,7 +8,9 @@ Medium / Few / per class, a metrics.csv row), replace the checkpoint atomically;
 plots are drawn when the run ends. `--resume DIR` continues a
 run exactly where its last completed epoch left it (however it stopped, kill -9
 included; from the start if no epoch was completed); `--export FILE` writes the model's
-weights alone for sharing (with `--resume DIR`: only that, no training).
+weights alone for sharing (with `--resume DIR`: only that, no training). `--config FILE`
+gives any flag's value from a JSON or YAML file (the flags given override it); `--logger
+tensorboard|wandb` sends each evaluated epoch's metrics to a tracker as well.
 
 Every flag is checked before any work starts (rdr_fast.cli_checks): a bad one is refused
 with one `error:` line and exit status 2. A run that fails on its way (missing or corrupt
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -29,11 +30,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import RDRLoss, cli_checks, distributed, run_io
+from . import RDRLoss, cli_checks, distributed, loggers, run_io
 from .cli_checks import UsageError, UsageParser
+from .config_file import read_config_file, read_config_json
 from .data import DATASETS, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
 from .metrics import Evaluation, count_splits
-from .models import MODELS, build_model, default_model
+from .models import build_model, default_model, model_problem
 from .sam import VARIANTS, make_optimizer
 from .training import train_step
 
@@ -78,11 +80,14 @@ class Config:
     resume: str | None = None         # run folder to continue
     stop_after: int | None = None     # stop after this many epochs of this invocation (resume later)
     export: str | None = None         # write the model's weights here when this invocation ends
+    logger: str = "none"              # none | tensorboard | wandb (rdr_fast.loggers), beside metrics.csv
     quiet: bool = False
 
 
-CHOICES = {"dataset": DATASETS, "model": tuple(MODELS), "loss": ("ce", "focal", "la"),
-           "reweight": ("none", "inv_freq", "cb", "rdr"), "loader": LOADERS, "sam": VARIANTS}
+# A field's allowed values, or a function of the value returning what is wrong with it (or None).
+CHOICES = {"dataset": DATASETS, "model": model_problem, "loss": ("ce", "focal", "la"),
+           "reweight": ("none", "inv_freq", "cb", "rdr"), "loader": LOADERS, "sam": VARIANTS,
+           "logger": loggers.LOGGERS}
 # What a checkpoint must agree on to be resumed by this configuration.
 IDENTITY_FIELDS = ("dataset", "imb_factor", "noise_ratio", "model", "loss", "reweight", "epochs", "seed", "sam")
 
@@ -99,22 +104,40 @@ def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             continue
         kind = {"int": int, "float": float}.get(field.type.split(" ")[0], str)
-        parser.add_argument(flag, type=kind, default=default, choices=CHOICES.get(field.name))
+        choices = CHOICES.get(field.name)
+        parser.add_argument(flag, type=kind, default=default, choices=None if callable(choices) else choices)
+    parser.add_argument("--config", metavar="FILE", default=None if not suppress_defaults else argparse.SUPPRESS,
+                        help="settings for any of these flags, JSON or YAML (rdr_fast.config_file); flags override them")
     return parser
 
 
 def parse_args(argv=None) -> Config:
-    """Flags over the defaults; with --resume DIR, flags over DIR/config.json, so that
-    `--resume DIR` alone continues the run as it was configured. UsageError for a flag
-    argparse refuses or an unreadable config.json; values are checked by configure()."""
+    """Flags over the values of --config FILE over the defaults; with --resume DIR, all of
+    them over DIR/config.json, so that `--resume DIR` alone continues the run as it was
+    configured. UsageError for a flag argparse refuses, an unreadable or bad --config file
+    or an unreadable config.json; the other values are checked by configure()."""
     args = vars(_parser(False).parse_args(argv))
-    if args["resume"]:
-        explicit = vars(_parser(True).parse_args(argv))
+    explicit = vars(_parser(True).parse_args(argv))
+    config_file = args.pop("config")
+    explicit.pop("config", None)
+    if config_file is not None:   # the file's values count as given, under the flags
+        explicit = {**_config_file_values(config_file), **explicit}
+    if explicit.get("resume"):
         fields = {f.name for f in dataclasses.fields(Config)}
-        saved = {k: v for k, v in _saved_config(args["resume"]).items() if k in fields}
+        saved = {k: v for k, v in _saved_config(explicit["resume"]).items() if k in fields}
         # Where to stop and what to export belong to each invocation; the run lives where it is now.
-        args = {**saved, "stop_after": None, "export": None, "out": None, **explicit}
-    return Config(**args)
+        args = {**args, **saved, "stop_after": None, "export": None, "out": None}
+    return Config(**{**args, **explicit})
+
+
+def _config_file_values(path: str) -> dict:
+    """The --config file's settings, each checked as its flag would be (UsageError naming the file)."""
+    values = read_config_file(path, [f.name for f in dataclasses.fields(Config)])
+    try:
+        cli_checks.check_values(Config(**values), CHOICES)
+    except UsageError as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+    return values
 
 
 def _saved_config(folder: str) -> dict:
@@ -122,19 +145,6 @@ def _saved_config(folder: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"--resume {folder}: {path} does not exist (is it a run folder?)")
     return read_config_json(path, context=f"--resume {folder}: ")
-
-
-def read_config_json(path: str, context: str = "") -> dict:
-    """The settings a run's config.json holds (UsageError, its message after ``context``,
-    when the file cannot be read or holds no JSON object)."""
-    try:
-        with open(path) as handle:
-            saved = json.load(handle)
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
-        raise UsageError(f"{context}cannot read {path} ({exc})") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"{context}{path} does not hold a configuration (a JSON object)")
-    return saved
 
 
 def configure(argv=None) -> Config:
@@ -258,21 +268,23 @@ def restore(cfg, ds, ctx, model, criterion, optimizer, scheduler):
     return state["epoch"], state["history"]
 
 
-def log_epoch(cfg, history) -> None:
-    """metrics.csv with the new row, and a line on the console."""
+def log_epoch(cfg, history, logger=loggers.Logger()) -> None:
+    """metrics.csv with the new row, the row to --logger's tracker, and a line on the console."""
     row = history[-1]
     run_io.write_metrics(cfg.out, history)
+    logger.log(row)
     if not cfg.quiet:
         print(f"epoch {row['epoch']:>4}  loss {row['train_loss']:.4f}  top-1 {row['acc_all']:6.2f}  "
               f"many {row['acc_index_many']:6.2f}  med {row['acc_index_medium']:6.2f}  "
               f"few {row['acc_index_few']:6.2f}  ECE {row['ece']:5.2f}")
 
 
-def finish(cfg, ds, ctx, evaluation: Evaluation, history) -> None:
-    """summary.json, confusion.csv/.png, reliability.png and the closing table, once the
-    last epoch is done; ``evaluation`` is the last epoch's."""
+def finish(cfg, ds, ctx, evaluation: Evaluation, history, logger=loggers.Logger()) -> None:
+    """summary.json, confusion.csv/.png, reliability.png, the tracker's final metrics and the
+    closing table, once the last epoch is done; ``evaluation`` is the last epoch's."""
     if not ctx.is_main:
         return
+    logger.finish(history[-1])
     final = evaluation.compute(ds.class_counts, ds.splits)
     summary = {"final": {**history[-1], "per_class": final["per_class"]},
                "best": {**best_row(history), "selected_on": SELECTED_ON}, "class_counts": ds.class_counts,
@@ -391,6 +403,8 @@ def run(cfg: Config) -> dict:
         print(f"{cfg.dataset}: {len(ds.train)} train / {len(ds.test)} test, {ds.num_classes} classes, "
               f"{method_name(cfg)} on {cfg.model} ({cfg.device} x{ctx.world_size}), writing {cfg.out}")
     end_epoch = min(cfg.epochs, start_epoch + (cfg.stop_after or cfg.epochs))
+    logger = (loggers.open_logger(cfg.logger, cfg.out, dataclasses.asdict(cfg), first_step=start_epoch + 1)
+              if ctx.is_main else loggers.Logger())
     evaluation = None  # the latest epoch's test evaluation
     for epoch in range(start_epoch, end_epoch):
         set_epoch(train_loader, epoch)
@@ -406,7 +420,7 @@ def run(cfg: Config) -> dict:
                    **{f"weight_{s}": w for s, w in weights.items()}, "epoch_seconds": time.perf_counter() - tic}
             history.append(row)
             if ctx.is_main:
-                log_epoch(cfg, history)
+                log_epoch(cfg, history, logger)
                 if best_row(history) is row:  # before the checkpoint: a resume rewrites it alike
                     run_io.save_checkpoint(cfg.out, {"identity": identity(cfg, ds), "epoch": epoch + 1,
                                                      "model": model.state_dict(), "criterion": criterion.state_dict(),
@@ -423,7 +437,8 @@ def run(cfg: Config) -> dict:
     if finished:
         if evaluation is None:  # resumed after its last epoch: nothing was evaluated in this invocation
             evaluation = evaluate(cfg, model, test_loader, ds.num_classes)
-        finish(cfg, ds, ctx, evaluation, history)
+        finish(cfg, ds, ctx, evaluation, history, logger)
+    logger.close()
     if cfg.export and ctx.is_main:
         run_io.export_weights(model, cfg.export)
     distributed.shutdown(ctx)

@@ -10,6 +10,9 @@ DATASETS = ("digits_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt", "imagenet_lt"
 # Facts callers may check before loading anything (the CLI validates flags with them).
 GRAYSCALE = ("digits_lt", "fmnist_lt")        # 1-channel images
 FILE_LISTS = ("imagenet_lt", "places_lt")     # JPEG files named by OLTR list files; no download
+# The side of the square images each dataset gives a model (imagenet / places: the default crop).
+IMAGE_SIZES = {"digits_lt": 8, "fmnist_lt": 28, "cifar10_lt": 32, "cifar100_lt": 32, "imagenet_lt": 224,
+               "places_lt": 224}
 
 
 def load_dataset(name, *, data_root=None, imb_factor=100, noise_ratio=0.0, seed=0,
