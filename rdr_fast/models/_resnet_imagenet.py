@@ -92,7 +92,8 @@ def resnet50(num_classes: int, pretrained=None) -> FeatResNet:
 
 def resnet10(num_classes: int, pretrained=None) -> FeatResNet:
     """ResNet-10: one BasicBlock per stage, the ImageNet-LT backbone of "Decoupling Representation
-    and Classifier for Long-Tailed Recognition" (arXiv 1910.09217) and of OLTR; K = 512."""
+    and Classifier for Long-Tailed Recognition" (arXiv 1910.09217) and of "Large-Scale
+    Long-Tailed Recognition in an Open World" (OLTR, arXiv 1904.05160); K = 512."""
     return _build([1, 1, 1, 1], num_classes, pretrained, block=BasicBlock)
 
 
