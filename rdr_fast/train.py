@@ -106,8 +106,7 @@ def _parser(suppress_defaults: bool) -> argparse.ArgumentParser:
         kind = {"int": int, "float": float}.get(field.type.split(" ")[0], str)
         choices = CHOICES.get(field.name)
         parser.add_argument(flag, type=kind, default=default, choices=None if callable(choices) else choices)
-    parser.add_argument("--config", metavar="FILE", default=None if not suppress_defaults else argparse.SUPPRESS,
-                        help="settings for any of these flags, JSON or YAML (rdr_fast.config_file); flags override them")
+    parser.add_argument("--config", metavar="FILE", help="settings for any of these flags, JSON or YAML (rdr_fast.config_file); flags override them")
     return parser
 
 

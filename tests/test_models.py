@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from rdr_fast.models import (MODELS, build_model, default_model, load_pretrained, model_problem, resnet10,
+from rdr_fast.models import (MODELS, build_model, default_model, load_pretrained, resnet10,
                              resnet32, resnet50, resnet152, resnext50, small_cnn)
 from rdr_fast.models._resnet_cifar import PadShortcut
 
