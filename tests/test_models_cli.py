@@ -111,8 +111,9 @@ def test_pretrained_torchvision_weights_load_and_another_head_is_skipped(tmp_pat
         build_model("torchvision:mobilenet_v3_small", 6, pretrained=tmp_path / "r18.pth")
 
 
-def test_image_sizes_are_the_datasets_own():
+def test_image_sizes_are_the_datasets_own(cifar_root):
     assert load_dataset("digits_lt").image_size == IMAGE_SIZES["digits_lt"]
+    assert load_dataset("cifar10_lt", data_root=str(cifar_root[0])).image_size == IMAGE_SIZES["cifar10_lt"]
 
 
 # ----------------------------------------------------------------------------- the CLI
