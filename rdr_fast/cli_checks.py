@@ -22,10 +22,8 @@ import warnings
 
 import torch
 
-from .data.datasets import BASIC_AUGMENT_ONLY, FILE_LISTS, GRAYSCALE
+from .data.datasets import BASIC_AUGMENT_ONLY, FILE_LISTS, GRAYSCALE, IMAGE_SIZES
 from .run_io import CHECKPOINT, RUN_FILES, safetensors_available
-
-RGB_ONLY_MODELS = ("resnet50", "resnet152")     # the ImageNet ResNets take 3 channels
 
 
 class UsageError(ValueError):
@@ -120,6 +118,9 @@ def _type_problem(name: str, value, kind: str) -> str | None:
 def _value_problem(name: str, value, choices) -> str | None:
     if value is None:
         return None
+    if callable(choices.get(name)):      # a function naming what is wrong with the value, or None
+        problem = choices[name](value)
+        return f"{flag(name)} {value}: {problem}" if problem else None
     if name in choices and value not in choices[name]:
         return f"{flag(name)} must be one of {', '.join(choices[name])}, got {value!r}"
     if name not in RANGES:
@@ -134,7 +135,8 @@ def _value_problem(name: str, value, choices) -> str | None:
 
 
 def check_values(cfg, choices: dict) -> None:
-    """Each flag on its own: type, choice (choices: field -> allowed values), range."""
+    """Each flag on its own: type, choice (choices: field -> the allowed values, or a function
+    of the value returning its problem or None), range."""
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         problem = _type_problem(field.name, value, field.type) or _value_problem(field.name, value, choices)
@@ -147,10 +149,37 @@ def check_values(cfg, choices: dict) -> None:
 
 # ----------------------------------------------------------------------------- setup checks
 
+def _meta_model(cfg):
+    """The run's model with 2 classes on the meta device: its shapes, no memory, no init."""
+    from .models import build_model
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # a library's notes on its defaults, seen again at the real build
+        return build_model(cfg.model, 2, 1 if cfg.dataset in GRAYSCALE else 3)
+
+
 def _model_fits_dataset(cfg) -> str | None:
-    if cfg.model in RGB_ONLY_MODELS and cfg.dataset in GRAYSCALE:
-        return (f"--model {cfg.model} takes 3-channel images but {cfg.dataset} is grayscale; "
-                "use small_cnn or resnet32")
+    """The model takes the dataset's channels, has a head with_features finds, and runs on
+    two of the dataset's images (on the meta device, so shapes alone are computed)."""
+    from .models import input_channels
+    if input_channels(cfg.model) == 3 and cfg.dataset in GRAYSCALE:
+        return (f"--model {cfg.model} takes 3-channel images but {cfg.dataset} is grayscale; use "
+                "small_cnn, resnet32 or a timm: model, or a dataset of colour images")
+    try:
+        model = _meta_model(cfg)
+    except NotImplementedError:   # built with data-dependent steps (torchvision's RegNets): checked at the build
+        return None
+    except ValueError as exc:     # no final nn.Linear to take the features from
+        return f"--model {exc}"
+    size = cfg.image_size if cfg.dataset in FILE_LISTS else IMAGE_SIZES.get(cfg.dataset)
+    if size is None:
+        return None
+    try:
+        model.train()(torch.empty(2, 1 if cfg.dataset in GRAYSCALE else 3, size, size, device="meta"))
+    except NotImplementedError:   # an operator without shape rules: the first batch will tell
+        return None
+    except Exception as exc:  # noqa: BLE001  (each library words its shape errors its own way)
+        return (f"--model {cfg.model} cannot take {cfg.dataset}'s {size}x{size} images "
+                f"({' '.join(str(exc).split())[:200]})")
     return None
 
 
@@ -325,9 +354,11 @@ def _pretrained_fits(cfg) -> str | None:
         return f"--pretrained {cfg.pretrained} is not an existing file"
     if os.path.getsize(cfg.pretrained) == 0:
         return f"--pretrained {cfg.pretrained} is an empty file"
-    from .models import build_model, load_pretrained
-    with torch.device("meta"):
-        model = build_model(cfg.model, 2, 1 if cfg.dataset in GRAYSCALE else 3)
+    from .models import load_pretrained
+    try:
+        model = _meta_model(cfg)
+    except NotImplementedError:   # see _model_fits_dataset: the file is checked when the model is built
+        return None
     try:
         with warnings.catch_warnings():   # copying into meta tensors is the no-op we want
             warnings.simplefilter("ignore", UserWarning)
@@ -339,6 +370,12 @@ def _pretrained_fits(cfg) -> str | None:
                     f"({type(unreadable).__name__}): give a state dict saved with torch.save")
         return f"--pretrained {exc}"
     return None
+
+
+def _logger_available(cfg) -> str | None:
+    from .loggers import missing_package
+    problem = missing_package(cfg.logger)
+    return f"--logger {cfg.logger} {problem}" if problem else None
 
 
 def _files_exist(cfg) -> str | None:
@@ -395,9 +432,8 @@ def _export_usable(cfg) -> str | None:
 
 
 SETUP_CHECKS = (_model_fits_dataset, _warmup_ends, _lr_schedule_fits, _profile_applies, _workers_fit, _own_data_flags,
-                _data_source, _loader_fits, _device_exists,
-                _precision_supported, _compile_possible, _pretrained_fits, _files_exist, _out_usable,
-                _export_usable, _augment_fits)
+                _data_source, _loader_fits, _device_exists, _precision_supported, _compile_possible,
+                _pretrained_fits, _logger_available, _files_exist, _out_usable, _export_usable, _augment_fits)
 
 
 def check_setup(cfg) -> None:

@@ -16,7 +16,8 @@ from . import RDRLoss, run_io
 from .cli_checks import UsageError, UsageParser
 from .data import DataNotFoundError, LTDataset
 from .models import build_model
-from .train import Config, identity, load_run_dataset, read_config_json
+from .config_file import read_config_json
+from .train import Config, identity, load_run_dataset
 
 CHECKPOINTS = {"best": run_io.BEST, "last": run_io.CHECKPOINT}  # --which: the file each choice reads
 

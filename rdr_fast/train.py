@@ -11,7 +11,9 @@ Medium / Few / per class, a metrics.csv row), replace the checkpoint atomically;
 plots are drawn when the run ends. `--resume DIR` continues a
 run exactly where its last completed epoch left it (however it stopped, kill -9
 included; from the start if no epoch was completed); `--export FILE` writes the model's
-weights alone for sharing (with `--resume DIR`: only that, no training).
+weights alone for sharing (with `--resume DIR`: only that, no training). `--config FILE`
+gives any flag's value from a JSON or YAML file (the flags given override it); `--logger
+tensorboard|wandb` sends each evaluated epoch's metrics to a tracker as well.
 
 Every flag is checked before any work starts (rdr_fast.cli_checks), and the dataset is
 loaded (every listed image checked) before anything is written: a bad flag or unusable
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -34,12 +35,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import RDRLoss, cli_checks, distributed, recipes, run_io
+from . import RDRLoss, cli_checks, distributed, loggers, recipes, run_io
 from .cli_checks import UsageError, UsageParser
+from .config_file import read_config_file, read_config_json
 from .data import BASIC_AUGMENT_ONLY, DATASETS, IMB_TYPES, LOADERS, DataNotFoundError, load_dataset, make_loaders, set_epoch
 from .data.datasets import FILE_LISTS
 from .metrics import Evaluation, count_splits
-from .models import MODELS, build_model, default_model
+from .models import build_model, default_model, model_problem
 from .sam import VARIANTS, make_optimizer
 from .training import train_step
 
@@ -95,13 +97,15 @@ class Config:
     resume: str | None = None         # run folder to continue
     stop_after: int | None = None     # stop after this many epochs of this invocation (resume later)
     export: str | None = None         # write the model's weights here when this invocation ends
+    logger: str = "none"              # none | tensorboard | wandb (rdr_fast.loggers), beside metrics.csv
     quiet: bool = False
 
 
-CHOICES = {"dataset": DATASETS, "imb_type": IMB_TYPES, "model": tuple(MODELS), "loss": ("ce", "focal", "la"),
+# A field's allowed values, or a function of the value returning what is wrong with it (or None).
+CHOICES = {"dataset": DATASETS, "imb_type": IMB_TYPES, "model": model_problem, "loss": ("ce", "focal", "la"),
            "reweight": ("none", "inv_freq", "cb", "rdr"), "recipe": tuple(recipes.RECIPES),
            "lr_schedule": recipes.LR_SCHEDULES, "augment": ("basic", "autoaug", "autoaug_cutout"),
-           "loader": LOADERS, "sam": VARIANTS}
+           "loader": LOADERS, "sam": VARIANTS, "logger": loggers.LOGGERS}
 # What a checkpoint must agree on to be resumed by this configuration (the lr schedule's
 # fields too: its scheduler's saved state fits no other schedule).
 IDENTITY_FIELDS = ("dataset", "imb_factor", "imb_type", "noise_ratio", "model", "loss", "reweight", "epochs", "seed",
@@ -120,18 +124,25 @@ def _parser() -> argparse.ArgumentParser:
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction)
             continue
-        parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), choices=CHOICES.get(field.name),
-                            **({"nargs": count} if count > 1 else {}))
+        choices = CHOICES.get(field.name)
+        parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str),
+                            choices=None if callable(choices) else choices, **({"nargs": count} if count > 1 else {}))
+    parser.add_argument("--config", metavar="FILE", help="settings for any of these flags, JSON or YAML "
+                        "(rdr_fast.config_file); flags override them")
     return parser
 
 
 def parse_args(argv=None) -> Config:
     """The settings in layers, each over the ones before it: Config's defaults, DIR/config.json
     with --resume DIR (so that `--resume DIR` alone continues the run as it was configured),
-    the flags given. What is still None after them resolve() fills: the recipe's settings,
-    then the dataset's and the machine's defaults. UsageError for a flag argparse refuses
-    or an unreadable config.json; values are checked by configure()."""
+    the values of --config FILE, the flags given. What is still None after them resolve()
+    fills: the recipe's settings, then the dataset's and the machine's defaults. UsageError
+    for a flag argparse refuses, an unreadable or bad --config file or an unreadable
+    config.json; the other values are checked by configure()."""
     explicit = vars(_parser().parse_args(argv))
+    config_file = explicit.pop("config", None)
+    if config_file is not None:   # the file's values count as given, under the flags
+        explicit = {**_config_file_values(config_file), **explicit}
     saved = {}
     if explicit.get("resume"):
         fields = {f.name for f in dataclasses.fields(Config)}
@@ -141,24 +152,21 @@ def parse_args(argv=None) -> Config:
     return Config(**{**saved, **explicit})
 
 
+def _config_file_values(path: str) -> dict:
+    """The --config file's settings, each checked as its flag would be (UsageError naming the file)."""
+    values = read_config_file(path, [f.name for f in dataclasses.fields(Config)])
+    try:
+        cli_checks.check_values(Config(**values), CHOICES)
+    except UsageError as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+    return values
+
+
 def _saved_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UsageError(f"--resume {folder}: {path} does not exist (is it a run folder?)")
     return read_config_json(path, context=f"--resume {folder}: ")
-
-
-def read_config_json(path: str, context: str = "") -> dict:
-    """The settings a run's config.json holds (UsageError, its message after ``context``,
-    when the file cannot be read or holds no JSON object)."""
-    try:
-        with open(path) as handle:
-            saved = json.load(handle)
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
-        raise UsageError(f"{context}cannot read {path} ({exc})") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"{context}{path} does not hold a configuration (a JSON object)")
-    return saved
 
 
 def configure(argv=None) -> Config:
@@ -318,10 +326,11 @@ def restore(cfg, ds, ctx, model, criterion, optimizer, scheduler):
     return state["epoch"], state["history"]
 
 
-def log_epoch(cfg, history) -> None:
-    """metrics.csv with the new row, and a line on the console."""
+def log_epoch(cfg, history, logger=loggers.Logger()) -> None:
+    """metrics.csv with the new row, the row to --logger's tracker, and a line on the console."""
     row = history[-1]
     run_io.write_metrics(cfg.out, history)
+    logger.log(row)
     if not cfg.quiet:
         val = f"  val top-1 {row[VAL_PREFIX + 'acc_all']:6.2f}" if VAL_PREFIX + "acc_all" in row else ""
         print(f"epoch {row['epoch']:>4}  loss {row['train_loss']:.4f}{val}  top-1 {row['acc_all']:6.2f}  "
@@ -329,11 +338,12 @@ def log_epoch(cfg, history) -> None:
               f"few {row['acc_index_few']:6.2f}  ECE {row['ece']:5.2f}")
 
 
-def finish(cfg, ds, ctx, evaluation: Evaluation, history) -> None:
-    """summary.json, confusion.csv/.png, reliability.png and the closing table, once the
-    last epoch is done; ``evaluation`` is the last epoch's."""
+def finish(cfg, ds, ctx, evaluation: Evaluation, history, logger=loggers.Logger()) -> None:
+    """summary.json, confusion.csv/.png, reliability.png, the tracker's final metrics and the
+    closing table, once the last epoch is done; ``evaluation`` is the last epoch's."""
     if not ctx.is_main:
         return
+    logger.finish(history[-1])
     final = evaluation.compute(ds.class_counts, ds.splits)
     summary = {"final": {**history[-1], "per_class": final["per_class"]},
                "best": {**best_row(history), "selected_on": selected_on(ds)}, "class_counts": ds.class_counts,
@@ -464,6 +474,8 @@ def run(cfg: Config, ds=None) -> dict:
         print(f"{cfg.dataset}: {len(ds.train)} train / {len(ds.test)} test{val}{skipped}, {ds.num_classes} classes, "
               f"{method_name(cfg)} on {cfg.model} ({cfg.device} x{ctx.world_size}), writing {cfg.out}")
     end_epoch = min(cfg.epochs, start_epoch + (cfg.stop_after or cfg.epochs))
+    logger = (loggers.open_logger(cfg.logger, cfg.out, dataclasses.asdict(cfg), first_step=start_epoch + 1)
+              if ctx.is_main else loggers.Logger())
     evaluation = None  # the latest epoch's test evaluation
     for epoch in range(start_epoch, end_epoch):
         set_epoch(train_loader, epoch)
@@ -483,7 +495,7 @@ def run(cfg: Config, ds=None) -> dict:
                    **{f"weight_{s}": w for s, w in weights.items()}, "epoch_seconds": time.perf_counter() - tic}
             history.append(row)
             if ctx.is_main:
-                log_epoch(cfg, history)
+                log_epoch(cfg, history, logger)
                 if best_row(history) is row:  # before the checkpoint: a resume rewrites it alike
                     run_io.save_checkpoint(cfg.out, {"identity": identity(cfg, ds), "epoch": epoch + 1,
                                                      "model": model.state_dict(), "criterion": criterion.state_dict(),
@@ -500,7 +512,8 @@ def run(cfg: Config, ds=None) -> dict:
     if finished:
         if evaluation is None:  # resumed after its last epoch: nothing was evaluated in this invocation
             evaluation = evaluate(cfg, model, test_loader, ds.num_classes)
-        finish(cfg, ds, ctx, evaluation, history)
+        finish(cfg, ds, ctx, evaluation, history, logger)
+    logger.close()
     if cfg.export and ctx.is_main:
         run_io.export_weights(model, cfg.export)
     distributed.shutdown(ctx)

@@ -1,11 +1,13 @@
-"""Shared fixtures: deterministic seeds and long-tailed random batches; bench/ modules
-loaded by path."""
+"""Shared fixtures: deterministic seeds, long-tailed random batches, a finished run, and
+CIFAR files in the official layout; bench/ modules loaded by path."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,3 +100,41 @@ def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("finished") / "run"
     train.main(["--epochs", "2", "--out", str(folder), "--quiet"])
     return folder
+
+
+def _cifar_pickle(path, data, labels, label_key):
+    """Official layout: dict with bytes keys (as Python-2 pickles read with
+    encoding='bytes'), data uint8 [n, 3072], labels a list of ints."""
+    entry = {b"data": data, label_key.encode(): [int(v) for v in labels],
+             b"batch_label": b"fixture"}
+    if label_key == "fine_labels":   # decoy: the loader must read fine, not coarse
+        entry[b"coarse_labels"] = [int(v) // 5 for v in labels]
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+
+
+def _balanced(num_classes, per_class, rng):
+    labels = np.repeat(np.arange(num_classes), per_class)
+    rng.shuffle(labels)
+    data = rng.randint(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+    return data, labels
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    """CIFAR-10 (20 train / 10 test per class, 5 train batches) and CIFAR-100
+    (20 / 5 per class) in the official python-pickle layout."""
+    root = tmp_path_factory.mktemp("cifar")
+    rng = np.random.RandomState(123)
+    c10 = root / "cifar-10-batches-py"
+    c10.mkdir()
+    data, labels = _balanced(10, 20, rng)
+    for b in range(5):
+        sl = slice(40 * b, 40 * (b + 1))
+        _cifar_pickle(c10 / f"data_batch_{b + 1}", data[sl], labels[sl], "labels")
+    _cifar_pickle(c10 / "test_batch", *_balanced(10, 10, rng), "labels")
+    c100 = root / "cifar-100-python"
+    c100.mkdir()
+    _cifar_pickle(c100 / "train", *_balanced(100, 20, rng), "fine_labels")
+    _cifar_pickle(c100 / "test", *_balanced(100, 5, rng), "fine_labels")
+    return root, data, labels

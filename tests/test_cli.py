@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import runpy
@@ -32,10 +33,11 @@ import torch
 
 import rdr_fast
 import rdr_fast.data
-from rdr_fast import cli_checks, run_io, train
+from rdr_fast import cli_checks, loggers, run_io, train
 from rdr_fast.models import build_model
 
 NO_CUDA = not torch.cuda.is_available()
+TIMM = importlib.util.find_spec("timm") is not None
 MISSING_CUDA = f"cuda:{torch.cuda.device_count()}"   # one past the last device: never exists
 TOO_MANY_WORKERS = cli_checks.WORKERS_PER_CPU * cli_checks.usable_cpus() + 1
 
@@ -104,7 +106,8 @@ ROWS = [
     ("argparse", "--epochs x", "--epochs"),
     ("argparse", "--batch-size 1.5", "--batch-size"),
     ("argparse", "--dataset mnist", "--dataset"),
-    ("argparse", "--model vgg16", "--model"),
+    ("argparse", "--logger mlflow", "--logger"),
+    ("argparse", "--config", "--config"),
     ("argparse", "--loss hinge", "--loss"),
     ("argparse", "--reweight bogus", "--reweight"),
     ("argparse", "--sam adam", "--sam"),
@@ -118,6 +121,25 @@ ROWS = [
     ("argparse", "--lr-milestones 1.5 3", "--lr-milestones"),
     ("argparse", "--bogus-flag", "--bogus-flag"),
     ("argparse", "--epochs", "--epochs"),
+    # models that are not there, or do not fit the dataset's images
+    ("model", "--model vgg16", "--model"),
+    ("model", "--model torchvision:resnet181", "--model"),
+    ("model", "--model torchvision:fasterrcnn_resnet50_fpn", "--model"),
+    ("model", "--model torchvision:resnet18", "--model"),
+    ("model", "--dataset fmnist_lt --model resnext50", "--model"),
+    ("model", "--model resnet10", "--model"),
+    ("model", "--dataset cifar10_lt --data-root {tmp}/data --model torchvision:vit_b_16", "--model"),
+    ("model", "--dataset cifar10_lt --data-root {tmp}/data --model torchvision:squeezenet1_0", "--model"),
+    *([] if TIMM else [("model", "--model timm:resnet18", "--model")]),
+    # settings files that cannot be read or hold a bad key or value
+    ("config", "--config {tmp}/nowhere.json", "--config"),
+    ("config", "--config {tmp}/settings.toml", "--config"),
+    ("config", "--config {tmp}/corrupt_config/config.json", "--config"),
+    ("config", "--config {tmp}/unknown_key.json", "--config"),
+    ("config", "--config {tmp}/bad_value.yaml", "--config --lr"),
+    ("config", "--config {tmp}/wrong_type.json", "--config --epochs"),
+    # trackers whose package is not installed
+    *[("logger", f"--logger {kind}", "--logger") for kind in ("tensorboard", "wandb") if loggers.missing_package(kind)],
     # flags that contradict the dataset or each other
     ("combination", "--model resnet50", "--model"),
     ("combination", "--dataset fmnist_lt --model resnet152", "--model"),
@@ -146,6 +168,8 @@ ROWS = [
     ("files", "--pretrained {tmp}/code.pt", "--pretrained"),
     ("files", "--pretrained {tmp}/list.pt", "--pretrained"),
     ("files", "--pretrained {tmp}/rgb_small_cnn.pt", "--pretrained"),
+    ("files", "--dataset cifar10_lt --data-root {tmp}/data --model torchvision:resnet18 --pretrained {tmp}/rgb_small_cnn.pt",
+     "--pretrained"),
     ("files", "--resume {tmp}/nowhere", "--resume"),
     ("files", "--resume {tmp}/corrupt_config", "--resume"),
     ("files", "--resume {tmp}/list_config", "--resume"),
@@ -213,6 +237,9 @@ def files(tmp_path_factory):
         (tmp / name / "config.json").write_text(text)
     for name in ("run", "bad_value_config", "wrong_type_config", "one_milestone_config"):
         (tmp / name / run_io.CHECKPOINT).write_bytes(b"only looked at after the checks")
+    for name, text in {"settings.toml": "epochs = 2\n", "unknown_key.json": '{"epochs": 2, "learning-rate": 0.1}',
+                       "bad_value.yaml": "epochs: 2\nlr: -1\n", "wrong_type.json": '{"epochs": "2"}'}.items():
+        (tmp / name).write_text(text)
     (tmp / "empty.pt").write_bytes(b"")
     (tmp / "garbage.pt").write_bytes(b"\x80\x02not a torch file" * 8)
     torch.save({"fc.weight": WritesMarker(str(tmp / "marker"))}, tmp / "code.pt")

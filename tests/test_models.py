@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from rdr_fast.models import (MODELS, build_model, default_model, load_pretrained, resnet32,
-                             resnet50, resnet152, small_cnn)
+from rdr_fast.models import (MODELS, build_model, default_model, load_pretrained, resnet10,
+                             resnet32, resnet50, resnet152, resnext50, small_cnn)
 from rdr_fast.models._resnet_cifar import PadShortcut
 
 
@@ -63,18 +63,33 @@ def test_small_cnn(size):
     assert _params(m) < 100_000
 
 
-@pytest.mark.parametrize("builder", [resnet50, resnet152])
-def test_imagenet_resnets_small_input(builder):
+@pytest.mark.parametrize("builder,feat_dim", [(resnet10, 512), (resnet50, 2048), (resnet152, 2048)])
+def test_imagenet_resnets_small_input(builder, feat_dim):
     m = builder(7).eval()
     with torch.no_grad():
         feats, logits = m(torch.randn(1, 3, 64, 64))
-    assert feats.shape == (1, 2048) and logits.shape == (1, 7) and m.feat_dim == 2048
+    assert feats.shape == (1, feat_dim) and logits.shape == (1, 7) and m.feat_dim == feat_dim
+    torch.testing.assert_close(m.fc(feats), logits)        # the features are the head's input
 
 
-def test_resnet50_keys_match_torchvision():
-    ours = resnet50(1000).state_dict()
-    ref = torchvision.models.resnet50(weights=None).state_dict()
-    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+@pytest.mark.parametrize("ours,theirs", [(resnet50, torchvision.models.resnet50),
+                                         (resnext50, torchvision.models.resnext50_32x4d)])
+def test_imagenet_resnet_keys_match_torchvision(ours, theirs):
+    with torch.device("meta"):   # shapes only
+        model, ref = ours(1000), theirs(weights=None).state_dict()
+        feats, logits = model(torch.empty(2, 3, 64, 64))
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.items()}
+    assert feats.shape == (2, 2048) == (2, model.feat_dim) and logits.shape == (2, 1000)
+
+
+def test_resnet10_is_one_basic_block_per_stage():
+    m = resnet10(1000)
+    assert [len(getattr(m, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert all(isinstance(getattr(m, f"layer{i}")[0], torchvision.models.resnet.BasicBlock) for i in range(1, 5))
+    assert _count(m, nn.Conv2d) == 1 + 4 * 2 + 3 and _count(m, nn.Linear) == 1   # stem, blocks, 3 downsamplings
+    r18 = torchvision.models.resnet18(num_classes=1000)  # ResNet-18 is two BasicBlocks per stage
+    assert _params(m) == _params(r18) - sum(_params(getattr(r18, f"layer{i}")[1]) for i in range(1, 5))
+    assert m.layer2[0].conv1.groups == 1 and resnext50(3).layer2[0].conv2.groups == 32
 
 
 def test_pretrained_from_local_file(tmp_path):
@@ -112,14 +127,15 @@ def test_pretrained_errors(tmp_path):
 
 
 def test_build_model_and_defaults():
-    assert set(MODELS) == {"resnet32", "resnet50", "resnet152", "small_cnn"}
+    assert set(MODELS) == {"resnet10", "resnet32", "resnet50", "resnext50", "resnet152", "small_cnn"}
     m = build_model("resnet32", 10)
     assert m.feat_dim == 64 and m(torch.randn(1, 3, 32, 32))[1].shape == (1, 10)
     assert build_model("small_cnn", 4, in_channels=1).feat_dim == 64
     with pytest.raises(ValueError, match="resnet32"):
         build_model("vgg16", 10)
-    with pytest.raises(ValueError, match="in_channels"):
-        build_model("resnet50", 10, in_channels=1)
+    for rgb in ("resnet10", "resnet50", "resnext50", "resnet152"):
+        with pytest.raises(ValueError, match="in_channels"):
+            build_model(rgb, 10, in_channels=1)
     expected = {"cifar10_lt": "resnet32", "cifar100_lt": "resnet32", "imagenet_lt": "resnet50",
                 "places_lt": "resnet152", "digits_lt": "small_cnn", "fmnist_lt": "small_cnn"}
     assert {d: default_model(d) for d in expected} == expected

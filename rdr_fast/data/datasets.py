@@ -19,6 +19,9 @@ BASIC_AUGMENT_ONLY = ("digits_lt",)           # 8x8 images of values 0..16: no A
 # crops of image_size, a validation split where the source has one.
 FILE_LISTS = ("imagenet_lt", "places_lt", "inat2018", "folder", "list")
 OWN_DATA = ("folder", "list")                 # the user's own layout, not a published benchmark
+# The side of the square images each in-memory dataset gives a model (the image-file
+# datasets: their --image-size).
+IMAGE_SIZES = {"digits_lt": 8, "fmnist_lt": 28, "cifar10_lt": 32, "cifar100_lt": 32}
 
 
 def load_dataset(name, *, data_root=None, imb_factor=100, imb_type="exp", noise_ratio=0.0, seed=0,

@@ -1,24 +1,28 @@
-"""torchvision ResNet-50 / ResNet-152 returning (features, logits), and local-file
-pretrained loading (never a hub download)."""
+"""torchvision's ResNet as ResNet-10 / ResNet-50 / ResNeXt-50 / ResNet-152 returning
+(features, logits), and local-file pretrained loading (never a hub download)."""
 from __future__ import annotations
 
 import os
 
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .wrap import WithFeatures
 
 
 class FeatResNet(ResNet):
     """torchvision's ResNet with the same parameter names (so torchvision checkpoints
     load as they are) and a forward that also returns the pooled features.
 
-    forward(x [N, 3, H, W]) -> (features [N, 2048], logits [N, num_classes]).
+    forward(x [N, 3, H, W]) -> (features [N, feat_dim], logits [N, num_classes]);
+    feat_dim is 2048 with Bottleneck blocks, 512 with BasicBlocks. resnet_options: ResNet's
+    own (groups, width_per_group for ResNeXt).
     """
 
-    def __init__(self, layers, num_classes: int):
-        super().__init__(Bottleneck, layers, num_classes=num_classes)
-        self.feat_dim = self.fc.in_features   # 2048
+    def __init__(self, layers, num_classes: int, block=Bottleneck, **resnet_options):
+        super().__init__(block, layers, num_classes=num_classes, **resnet_options)
+        self.feat_dim = self.fc.in_features
 
     def forward(self, x: torch.Tensor):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -44,8 +48,12 @@ def load_pretrained(model: nn.Module, path: str, classifier: str = "fc") -> dict
 
     Missing backbone weights or any other shape mismatch is an error: it means the file
     is for another architecture. Returns {"loaded": [...], "skipped": [...],
-    "unexpected": [...]} key lists for logging.
+    "unexpected": [...]} key lists for logging. A with_features model takes the state dict
+    of the model it wraps (a torchvision or timm checkpoint as it is), its head skipped
+    when of another shape.
     """
+    if isinstance(model, WithFeatures):
+        return load_pretrained(model.model, path, classifier=model.head_name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained weights file not found: {path}. Pass a local "
                                 "state_dict saved with torch.save(model.state_dict(), PATH); "
@@ -70,8 +78,8 @@ def load_pretrained(model: nn.Module, path: str, classifier: str = "fc") -> dict
             "unexpected": [k for k in src if k not in own]}
 
 
-def _build(layers, num_classes, pretrained):
-    model = FeatResNet(layers, num_classes)
+def _build(layers, num_classes, pretrained, **options):
+    model = FeatResNet(layers, num_classes, **options)
     if pretrained is not None:
         model.pretrained_report = load_pretrained(model, os.fspath(pretrained))
     return model
@@ -80,6 +88,19 @@ def _build(layers, num_classes, pretrained):
 def resnet50(num_classes: int, pretrained=None) -> FeatResNet:
     """torchvision ResNet-50 (random init unless `pretrained` is a local file); K = 2048."""
     return _build([3, 4, 6, 3], num_classes, pretrained)
+
+
+def resnet10(num_classes: int, pretrained=None) -> FeatResNet:
+    """ResNet-10: one BasicBlock per stage, the ImageNet-LT backbone of "Decoupling Representation
+    and Classifier for Long-Tailed Recognition" (arXiv 1910.09217) and of "Large-Scale
+    Long-Tailed Recognition in an Open World" (OLTR, arXiv 1904.05160); K = 512."""
+    return _build([1, 1, 1, 1], num_classes, pretrained, block=BasicBlock)
+
+
+def resnext50(num_classes: int, pretrained=None) -> FeatResNet:
+    """ResNeXt-50 (32x4d), torchvision's resnext50_32x4d, the usual ImageNet-LT / iNaturalist
+    backbone; its checkpoints load as they are. K = 2048."""
+    return _build([3, 4, 6, 3], num_classes, pretrained, groups=32, width_per_group=4)
 
 
 def resnet152(num_classes: int, pretrained=None) -> FeatResNet:

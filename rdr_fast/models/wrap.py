@@ -29,7 +29,8 @@ class WithFeatures(nn.Module):
     """``model`` returning (features, logits): features are the input of its final
     nn.Linear ``head`` (flattened to [B, feat_dim]), caught by a forward pre-hook during
     the model's own forward, so no layer runs twice. ``feat_dim`` and ``num_classes``
-    come from the head; ``fc`` is the head, as for rdr_fast's own models."""
+    come from the head; ``fc`` is the head, as for rdr_fast's own models (so the head's
+    weights are in the state dict twice, under ``fc.`` and under ``model.`` + head_name)."""
 
     def __init__(self, model: nn.Module, head: nn.Linear | None = None):
         super().__init__()
@@ -40,6 +41,12 @@ class WithFeatures(nn.Module):
         if not any(m is self.fc for m in model.modules()):
             raise ValueError("head must be a module of model (the layer that computes the logits)")
         self.feat_dim, self.num_classes = self.fc.in_features, self.fc.out_features
+
+    @property
+    def head_name(self) -> str:
+        """The head's name inside ``model`` (``fc``, ``classifier.3``, ``heads.head``): the
+        prefix of its keys in the wrapped model's state dict."""
+        return next(name for name, module in self.model.named_modules() if module is self.fc)
 
     def forward(self, x):
         caught = []
