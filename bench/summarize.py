@@ -15,6 +15,9 @@ pass, FAIL, or missing (a row it needs is absent):
 - weights: the op's own kernel (C++ on CPU, Triton on CUDA) ≥ 100× the reference loop on
   the same device, at the first shape of bench_weights.py;
 - step: RDR step ≤ 1.03× CE step (bench_step.py's paired ratio);
+- module: RDRLoss forward + backward with default arguments ≤ 1.5× F.cross_entropy's
+  (bench_loss.py's paired ratio, first module shape), and ≥ 100× (first shape) / ≥ 200×
+  (second shape) the per-class loop structure of the authors' code;
 - SAM: fused SAM ≤ 2.05× an SGD step, the cheaper of sam_k / looksam ≤ 1.3× (paired
   ratios of bench_sam.py), and the SAM step with RDR ≤ 1.03× the one without (from two
   separately timed rows, so on a busy machine it moves with the load).
@@ -25,7 +28,7 @@ import argparse
 import json
 from collections import defaultdict
 
-BASELINES = ("reference", "unfused", "torch", "ce", "sgd", "torchvision")  # each one present is a column
+BASELINES = ("reference", "loop", "unfused", "torch", "ce", "sgd", "torchvision")  # each one present is a column
 LABEL_KEYS = ("backend", "method", "loader")  # extra_info keys that name a row
 FAST_WEIGHTS_KERNEL = {"cpu": "cpp", "cuda": "triton"}
 
@@ -145,8 +148,29 @@ def sam_checks(data: dict) -> list[dict]:
     return out
 
 
+MODULE_SPEEDUP = {0: 100, 1: 200}  # module shape index → the speed-up over the per-class loop
+
+
+def module_checks(data: dict) -> list[dict]:
+    out = []
+    shapes = sorted({tuple(b["extra_info"]["shape"]) for b in rows(data, "test_module_forward_backward")})
+    paired = rows(data, "test_module_paired")
+    for bench in paired:
+        info = bench["extra_info"]
+        if tuple(info["shape"]) == min(tuple(b["extra_info"]["shape"]) for b in paired):
+            out.append(verdict(f"RDRLoss {info['device']} {tuple(info['shape'])}: default args / CE (paired)",
+                               info.get("rdr_vs_ce"), at_most=1.5))
+    for index, shape in enumerate(shapes[:len(MODULE_SPEEDUP)]):
+        for device in sorted({b["extra_info"]["device"] for b in rows(data, "test_module_forward_backward")}):
+            value = ratio(median(data, "test_module_forward_backward", device=device, shape=list(shape), backend="loop"),
+                          median(data, "test_module_forward_backward", device=device, shape=list(shape), backend="rdr"))
+            out.append(verdict(f"RDRLoss {device} {shape}: default args vs the per-class loop", value,
+                               at_least=MODULE_SPEEDUP[index]))
+    return out
+
+
 def checks(data: dict) -> list[dict]:
-    return weights_checks(data) + step_checks(data) + sam_checks(data)
+    return weights_checks(data) + step_checks(data) + module_checks(data) + sam_checks(data)
 
 
 def checks_table(results: list[dict]) -> str:
