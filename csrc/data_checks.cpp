@@ -27,14 +27,19 @@ namespace {
 
 constexpr const char* kOp = "data_ok";
 
-// Whether some |x[k]| exceeds `limit` or is NaN, in one vectorised pass (no early exit:
-// a branch per element would stop the compiler from vectorising).
+// Whether some |x[k]| exceeds `limit` or is NaN, in one vectorised pass: a count of
+// compare results (no early exit, no bool reduction: either keeps the loop scalar).
+// Blocks of at most 2^30 elements keep the int32 count from overflowing.
 template <typename T, typename S>
 RDR_ALWAYS_INLINE bool any_beyond_of(const T* x, int64_t n, S limit) {
-  bool bad = false;
-#pragma omp simd reduction(| : bad)
-  for (int64_t k = 0; k < n; ++k) bad |= !(std::abs(static_cast<S>(x[k])) <= limit);
-  return bad;
+  for (int64_t first = 0; first < n; first += int64_t{1} << 30) {
+    const int64_t last = std::min(n, first + (int64_t{1} << 30));
+    int32_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (int64_t k = first; k < last; ++k) bad += std::abs(static_cast<S>(x[k])) <= limit ? 0 : 1;
+    if (bad != 0) return true;
+  }
+  return false;
 }
 
 RDR_MULTIVERSION bool any_beyond(const float* x, int64_t n, float limit) { return any_beyond_of(x, n, limit); }
@@ -63,10 +68,12 @@ bool values_ok(const at::Tensor& t, double limit) {
 
 template <typename L>
 bool any_outside(const L* y, int64_t n, int64_t num_classes) {
-  bool bad = false;
-#pragma omp simd reduction(| : bad)
-  for (int64_t j = 0; j < n; ++j) bad |= static_cast<int64_t>(y[j]) < 0 || static_cast<int64_t>(y[j]) >= num_classes;
-  return bad;
+  int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t j = 0; j < n; ++j) {
+    bad += static_cast<int64_t>(y[j]) >= 0 && static_cast<int64_t>(y[j]) < num_classes ? 0 : 1;
+  }
+  return bad != 0;
 }
 
 bool labels_ok(const at::Tensor& labels, int64_t num_classes) {

@@ -38,7 +38,10 @@ def wants_data_checks(validate: bool | None, *tensors: torch.Tensor) -> bool:
     """Whether to run the data checks; call after the tensors are known to be tensors."""
     check_validate(validate)
     if validate is None:
-        return all(t.device.type == "cpu" for t in tensors)
+        for t in tensors:  # a loop, not all(...): this runs every training step
+            if t.device.type != "cpu":
+                return False
+        return True
     return validate
 
 
@@ -247,13 +250,20 @@ def unaliased(state: tuple[torch.Tensor, ...], **inputs: torch.Tensor) -> list[t
     Under torch.compile the traced graph handles aliased inputs itself."""
     if torch.compiler.is_compiling():
         return list(inputs.values())
-    return [value.clone() if any(_overlap(value, s) for s in state) else value for value in inputs.values()]
+    out = []
+    for value in inputs.values():  # plain loops: this runs every training step
+        for s in state:
+            if torch._C._is_alias_of(value, s) and _overlap(value, s):
+                value = value.clone()
+                break
+        out.append(value)
+    return out
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' memory ranges intersect (conservative for strided views:
-    the byte span from the first to the last element)."""
-    if a.numel() == 0 or b.numel() == 0 or not torch._C._is_alias_of(a, b):
+    """Whether two tensors that share a storage have intersecting memory ranges
+    (conservative for strided views: the byte span from the first to the last element)."""
+    if a.numel() == 0 or b.numel() == 0:
         return False
     (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
     return a0 < b1 and b0 < a1

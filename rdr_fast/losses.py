@@ -151,8 +151,8 @@ class RDRLoss(nn.Module):
         targets = _checks.as_labels(targets, logits.shape[0], num_classes, False, name="targets",
                                     batch_of="logits", classes_of="class_counts")
         _checks.check_same_device(features=features, logits=logits, targets=targets, prototypes=prototypes)
-        limits = (_checks.feature_limit(features, prototypes), math.inf)
-        if data_checks and not _checks.data_ok(targets, num_classes, (features, logits), limits):
+        if data_checks and not _checks.data_ok(targets, num_classes, (features, logits),
+                                               (_checks.feature_limit(features, prototypes), math.inf)):
             _checks.check_label_range(targets, num_classes, name="targets", classes_of="class_counts")
             _checks.check_feature_scale(features, prototypes)
             _checks.check_finite("logits", logits)
