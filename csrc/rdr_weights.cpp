@@ -356,12 +356,13 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
   TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, kOp, ": momentum must lie in [0, 1), got ", momentum);
 }
 
-// A float32/float64 contiguous tensor to compute on: `t` itself when possible, else a copy
-// that the caller writes back (so any floating dtype and layout of the state works).
-at::Tensor working_copy(const at::Tensor& t, bool floating) {
-  const bool supported = !floating || t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
-  if (supported && t.is_contiguous()) return t;
-  return supported ? t.contiguous() : t.to(at::kFloat).contiguous();
+// The state is computed on in place when it is float32/float64 prototypes and a bool
+// `seen`, both contiguous (RDRLoss's buffers). Any other layout or floating dtype (bf16,
+// fp16 prototypes) is computed on a float copy of only the rows of the classes present,
+// written back afterwards: O(B·K) per step, never a copy of the C×K matrix.
+bool state_in_place(const at::Tensor& prototypes, const at::Tensor& seen) {
+  const bool native = prototypes.scalar_type() == at::kFloat || prototypes.scalar_type() == at::kDouble;
+  return native && prototypes.is_contiguous() && seen.is_contiguous();
 }
 
 at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tensor& labels,
@@ -377,8 +378,15 @@ at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tens
   // bf16/fp16 features are upcast once (exactly) to float; float and double are read as they are.
   const at::Tensor z = (is_double ? features : features.to(at::kFloat)).contiguous();
   const at::Tensor factors = class_factors.to(at::kDouble).contiguous();
-  at::Tensor protos = working_copy(prototypes, true), flags = working_copy(seen, false);
-  const ClassGroups groups = group_by_class(y.data_ptr<int64_t>(), batch, num_classes);
+  ClassGroups groups = group_by_class(y.data_ptr<int64_t>(), batch, num_classes);
+  at::Tensor protos = prototypes, flags = seen, present_rows;
+  if (!state_in_place(prototypes, seen)) {  // the present classes' rows, renumbered 0..n−1
+    present_rows = at::tensor(groups.present, y.options());
+    const at::ScalarType work = prototypes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    protos = prototypes.index_select(0, present_rows).to(work).contiguous();
+    flags = seen.index_select(0, present_rows).contiguous();
+    for (size_t i = 0; i < groups.present.size(); ++i) groups.present[i] = static_cast<int64_t>(i);
+  }
   std::vector<double> ratios(batch, 1.0);
   const bool solve = mode == WeightMode::kDensityRatio;
   if (solve || update) {
@@ -391,8 +399,10 @@ at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tens
       });
     });
   }
-  if (update && !protos.is_same(prototypes)) prototypes.copy_(protos);
-  if (update && !flags.is_same(seen)) seen.copy_(flags);
+  if (update && present_rows.defined()) {
+    prototypes.index_copy_(0, present_rows, protos.to(prototypes.scalar_type()));
+    seen.index_copy_(0, present_rows, flags);
+  }
   AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "rdr_weights_cpu", [&] {
     write_weights(ratios.data(), y.data_ptr<int64_t>(), batch, factors.data_ptr<double>(), temperature, mode,
                   weights.data_ptr<scalar_t>());

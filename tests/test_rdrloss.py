@@ -252,7 +252,8 @@ def test_a_step_with_many_classes_allocates_nothing_of_the_prototypes_size():
     """C = 100 000 classes, K = 64: a training step (default arguments, so with the data
     checks) touches only the batch's prototype rows. Its allocations are the logits'
     gradient [B, C] and O(B·K) scratch, far below the C·K prototype matrix: no copy of
-    the state, no full-state check. The functional op and the PyTorch path likewise."""
+    the state, no full-state check. The functional op (also on bf16 prototypes) and the
+    PyTorch path likewise."""
     num_classes, dim, batch = 100_000, 64, 8
     state_bytes = num_classes * dim * 4
     crit = rdr_fast.RDRLoss(torch.ones(num_classes, dtype=torch.long), dim)
@@ -270,5 +271,8 @@ def test_a_step_with_many_classes_allocates_nothing_of_the_prototypes_size():
     factors = crit.class_factors
     assert bytes_allocated(lambda: Fn.rdr_weights_and_update(features, labels, protos, seen, crit.class_counts)) \
         < state_bytes // 4  # the class factors, O(C), are made per call
+    half_state = protos.bfloat16()  # computed on through a float copy of the batch's rows only
+    assert bytes_allocated(lambda: Fn.rdr_weights_and_update(features, labels, half_state, seen, crit.class_counts,
+                                                             validate=False)) < state_bytes // 4
     assert bytes_allocated(lambda: torch_impl.rdr_weights_and_update_torch(
         features, labels, protos, seen, factors, 1e-5, 1.0, 0.9, "density_ratio", True)) < state_bytes // 8
