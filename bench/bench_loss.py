@@ -111,8 +111,9 @@ def authors_loop(counts, device):
     factors = Fn.class_factors(counts).to(device)
 
     def criterion(features, logits, labels, prototypes, seen):
-        w = ref.rdr_weights_and_update_ref(features.detach(), labels, prototypes, seen, factors, DEFAULT_RIDGE, 1.0,
-                                           0.9, "density_ratio", True)
+        with torch.device(device):  # the reference's own tensors (torch.eye...) on the device too
+            w = ref.rdr_weights_and_update_ref(features.detach(), labels, prototypes, seen, factors, DEFAULT_RIDGE,
+                                               1.0, 0.9, "density_ratio", True)
         return unfused(logits, labels, w.to(logits.dtype))
     return criterion
 

@@ -60,7 +60,7 @@ def test_dry_run_runs_every_section(tmp_path):
     # for the C++ kernel's speed-up where rdr_fast._C is not built)
     checks = result["checks"]
     has_cpp = result["machine_info"]["rdr_fast"]["backends"]["rdr_weights_and_update"]["cpu"] == "cpp"
-    assert len(checks) == 7 and checks[0]["check"].startswith("weights+update cpu"), checks
+    assert len(checks) == 10 and checks[0]["check"].startswith("weights+update cpu"), checks
     assert {c["status"] for c in checks[int(not has_cpp):]} <= {"pass", "FAIL"}, checks
     assert "rdr_fast GPU suite" in run.stdout and "**checks**" in run.stdout
 
@@ -89,6 +89,13 @@ def test_checks_are_computed_from_the_rows():
         bench("test_sam_step", 10.0, device="cuda", mode="graph", method="sam", loss="ce"),
         bench("test_sam_step", 10.2, device="cuda", mode="graph", method="sam", loss="rdr"),
         bench("test_sam_step", 1.0, device="cuda", mode="eager", method="sam", loss="rdr"),  # no ce row
+        bench("test_module_forward_backward", 10e-3, device="cpu", shape=shape, backend="loop"),
+        bench("test_module_forward_backward", 0.08e-3, device="cpu", shape=shape, backend="rdr"),
+        bench("test_module_forward_backward", 20e-3, device="cpu", shape=[256, 1000, 512], backend="loop"),
+        bench("test_module_forward_backward", 0.4e-3, device="cpu", shape=[256, 1000, 512], backend="rdr"),
+        bench("test_module_paired", 0.0, group="module/cpu/paired", device="cpu", shape=shape, rdr_vs_ce=1.4),
+        bench("test_module_paired", 0.0, group="module/cpu/paired", device="cpu", shape=[256, 1000, 512],
+              rdr_vs_ce=1.6),  # only the first shape is checked
     ]
     data = {"machine_info": {"rdr_fast": {"weights_check_shape": shape}}, "benchmarks": benchmarks}
     got = [(c["check"], c["status"], c["value"] and round(c["value"], 4)) for c in summarize.checks(data)]
@@ -98,6 +105,9 @@ def test_checks_are_computed_from_the_rows():
         ("ResNet-32 step cpu eager fp32: RDR / CE (paired)", "missing", None),
         ("ResNet-32 step cuda graph bf16: RDR / CE (paired)", "pass", 1.01),
         ("ResNet-32 step cuda graph fp32: RDR / CE (paired)", "FAIL", 1.05),
+        ("RDRLoss cpu (128, 100, 64): default args / CE (paired)", "pass", 1.4),
+        ("RDRLoss cpu (128, 100, 64): default args vs the per-class loop", "pass", 125.0),
+        ("RDRLoss cpu (256, 1000, 512): default args vs the per-class loop", "FAIL", 50.0),
         ("SAM cuda ce: fused SAM / SGD step (paired)", "pass", 1.9),
         ("SAM cuda ce: min(sam_k, looksam) / SGD step (paired)", "pass", 1.25),
         ("SAM cuda rdr: fused SAM / SGD step (paired)", "FAIL", 2.1),
