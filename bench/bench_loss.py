@@ -2,7 +2,16 @@
 (F.cross_entropy(reduction="none") * w).mean() vs the fused op on the PyTorch path, in C++
 (CPU) and in Triton (CUDA), per shape and device.
 
+The `module` groups time the whole criterion, forward + backward into given features and
+logits: F.cross_entropy (`ce`), RDRLoss with default arguments (`rdr`: weights, prototype
+update, weighted CE, data checks on the CPU) and with validate=False (the authors'
+structure against the same RDRLoss is bench_weights.py's `weights+update+loss` group).
+test_module_paired times RDRLoss against
+F.cross_entropy in alternating pairs and reports the median per-pair ratios, which
+summarize.py checks (≤ 1.5 at the first shape).
+
 Run: pytest bench/bench_loss.py --benchmark-only --benchmark-group-by=group
+(the module rows as measured in bench/README.md: OMP_NUM_THREADS=1 and -k module)
 """
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ import torch.nn.functional as F
 import rdr_fast
 from rdr_fast import kernels
 from rdr_fast import torch_impl
-from conftest import CPU_AND_CUDA, SMOKE, timed
+from conftest import CPU_AND_CUDA, SMOKE, long_tail_batch, median_paired_ratio, seconds_per_call, shape_id, timed
 
 SHAPES = [(8, 10), (4, 300)] if SMOKE else [(256, 1000), (128, 100)]
 HAS_CPP = rdr_fast.backends()["weighted_loss"]["cpu"] == "cpp"
@@ -87,3 +96,59 @@ def test_loss_forward_backward(benchmark, device, shape, impl):
     torch.testing.assert_close(loss, unfused(logits, labels, weights).detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-7)
     benchmark(timed(step, device))
+
+
+MODULE_SHAPES = [(8, 10, 4), (16, 100, 8)] if SMOKE else [(128, 100, 64), (256, 1000, 512)]
+CRITERIA = {"ce": None, "rdr": {}, "rdr validate=False": {"validate": False}}
+
+
+def module_step(name: str, shape, device: str):
+    """One forward + backward of criterion ``name`` on a fixed long-tailed batch, every class
+    already seen (the steady state), as the benchmark times it."""
+    features, labels, protos, seen, counts = long_tail_batch(*shape, device=device)
+    features.requires_grad_(True)
+    logits = (3 * torch.randn(shape[0], shape[1], generator=torch.Generator().manual_seed(1))).to(device)
+    logits.requires_grad_(True)
+    if name == "ce":
+        def criterion(f, x, y):
+            return F.cross_entropy(x, y)
+    else:
+        module = rdr_fast.RDRLoss(counts, shape[2], **CRITERIA[name]).to(device)
+        module.prototypes.copy_(protos)
+        module.seen.fill_(True)
+        criterion = module
+
+    def step():
+        logits.grad = features.grad = None
+        criterion(features, logits, labels).backward()
+    return timed(step, device)
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+@pytest.mark.parametrize("shape", MODULE_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_module_forward_backward(benchmark, device, shape, name):
+    benchmark.group = f"module/fwd+bwd/{device}/float32/{shape_id(shape)}"
+    benchmark.extra_info.update(backend=name, device=device, shape=list(shape))
+    step = module_step(name, shape, device)
+    step()
+    benchmark(step)
+
+
+@pytest.mark.parametrize("shape", MODULE_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_module_paired(benchmark, device, shape):
+    """RDRLoss (default arguments, and validate=False) / F.cross_entropy, forward + backward:
+    median of per-pair ratios, each unit 20 calls (one in smoke runs) of one criterion."""
+    benchmark.group = f"module/fwd+bwd/{device}/float32/{shape_id(shape)}/paired"
+    benchmark.extra_info.update(backend="rdr / ce (alternated)", device=device, shape=list(shape))
+    steps = {name: module_step(name, shape, device) for name in ("ce", "rdr", "rdr validate=False")}
+    calls, pairs = (1, 3) if SMOKE else (20, 200)
+
+    def unit(name):
+        return lambda: seconds_per_call(steps[name], calls)
+
+    def measure():
+        for name, key in (("rdr", "rdr_vs_ce"), ("rdr validate=False", "rdr_unchecked_vs_ce")):
+            benchmark.extra_info[key] = median_paired_ratio(unit(name), unit("ce"), pairs)
+    benchmark.pedantic(measure, rounds=1, iterations=1, warmup_rounds=0)

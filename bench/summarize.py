@@ -21,6 +21,8 @@ pass, FAIL, or missing (a row it needs is absent):
   and backward) ≥ 100× at (128, 100, 64) and ≥ 200× at (256, 1000, 512); on the CPU from
   rows run on one torch thread only (OMP_NUM_THREADS=1);
 - step: RDR step ≤ 1.01× CE step (bench_step.py's paired ratio);
+- module: RDRLoss forward + backward with default arguments ≤ 1.5× F.cross_entropy's
+  (bench_loss.py's paired ratio, first module shape);
 - SAM: fused SAM ≤ 2.05× an SGD step, the cheaper of sam_k / looksam ≤ 1.3× (paired
   ratios of bench_sam.py), and the SAM step with RDR ≤ 1.03× the one without, paired and
   from two separately timed rows (which on a busy machine move with the load).
@@ -209,8 +211,17 @@ def sam_checks(data: dict) -> list[dict]:
     return out
 
 
+def module_checks(data: dict) -> list[dict]:
+    """RDRLoss / F.cross_entropy, forward + backward, at the first module shape (paired)."""
+    paired = rows(data, "test_module_paired")
+    first = min((tuple(b["extra_info"]["shape"]) for b in paired), default=None)
+    return [verdict(f"RDRLoss {b['extra_info']['device']} {first}: default args / CE (paired)",
+                    b["extra_info"].get("rdr_vs_ce"), at_most=1.5)
+            for b in paired if tuple(b["extra_info"]["shape"]) == first]
+
+
 def checks(data: dict) -> list[dict]:
-    return weights_checks(data) + official_checks(data) + step_checks(data) + sam_checks(data)
+    return weights_checks(data) + official_checks(data) + step_checks(data) + module_checks(data) + sam_checks(data)
 
 
 def checks_table(results: list[dict]) -> str:

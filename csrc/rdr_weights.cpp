@@ -14,7 +14,7 @@
 //      μ P_c + (1 − μ) mean(X_c); then seen[c] ← true. Ratios use the old P_c.
 //
 // Work plan: a counting sort groups the rows by class (O(B + C), no per-sample
-// allocation); classes are split into runs of about equal work and run in parallel,
+// allocation; a sort when C is large); classes are split into runs of about equal work and run in parallel,
 // each class doing its solve and then its prototype update (the two touch only that
 // class's rows, ratios and prototype); the weights need the batch sum and run last.
 #include <ATen/ATen.h>
@@ -116,25 +116,36 @@ RDR_MULTIVERSION void blend_row(double* proto, const double* sum, int64_t n, dou
   blend_row_of(proto, sum, n, count, momentum, seen);
 }
 
-// The batch's rows grouped by class: class c owns order[start[c] .. start[c + 1]), in
-// batch order, so sums over a class run in a fixed order whatever the thread count.
+// The batch's rows grouped by class: the i-th present class, present[i], owns
+// order[start[i] .. start[i + 1]), in batch order, so sums over a class run in a fixed
+// order whatever the thread count. O(B + min(C, B log B)): with many classes (C may be
+// 100 000) the rows are sorted instead of counted, so no step costs O(C).
 struct ClassGroups {
-  std::vector<int64_t> start;    // [C + 1]
-  std::vector<int64_t> order;    // [B]
   std::vector<int64_t> present;  // classes with at least one row, ascending
+  std::vector<int64_t> start;    // [present + 1]
+  std::vector<int64_t> order;    // [B]
 };
 
 ClassGroups group_by_class(const int64_t* labels, int64_t batch, int64_t num_classes) {
   ClassGroups g;
-  g.start.assign(num_classes + 1, 0);
-  for (int64_t j = 0; j < batch; ++j) ++g.start[labels[j] + 1];
-  for (int64_t c = 0; c < num_classes; ++c) {
-    if (g.start[c + 1] > 0) g.present.push_back(c);
-    g.start[c + 1] += g.start[c];
-  }
-  std::vector<int64_t> next(g.start.begin(), g.start.end() - 1);
   g.order.resize(batch);
-  for (int64_t j = 0; j < batch; ++j) g.order[next[labels[j]]++] = j;
+  if (num_classes <= 2 * batch) {  // counting sort: O(B + C) = O(B)
+    std::vector<int64_t> next(num_classes + 1, 0);
+    for (int64_t j = 0; j < batch; ++j) ++next[labels[j] + 1];
+    for (int64_t c = 0; c < num_classes; ++c) next[c + 1] += next[c];
+    for (int64_t j = 0; j < batch; ++j) g.order[next[labels[j]]++] = j;
+  } else {  // comparison sort: O(B log B); stable, so each class keeps batch order
+    for (int64_t j = 0; j < batch; ++j) g.order[j] = j;
+    std::stable_sort(g.order.begin(), g.order.end(), [labels](int64_t a, int64_t b) { return labels[a] < labels[b]; });
+  }
+  for (int64_t i = 0; i < batch; ++i) {
+    const int64_t c = labels[g.order[i]];
+    if (g.present.empty() || g.present.back() != c) {
+      g.present.push_back(c);
+      g.start.push_back(i);
+    }
+  }
+  g.start.push_back(batch);
   return g;
 }
 
@@ -240,8 +251,8 @@ struct ClassStep {
     std::vector<double> scratch;
     for (int64_t i = first; i < last; ++i) {
       const int64_t c = groups->present[i];
-      const int64_t* rows = groups->order.data() + groups->start[c];
-      const int64_t b = groups->start[c + 1] - groups->start[c];
+      const int64_t* rows = groups->order.data() + groups->start[i];
+      const int64_t b = groups->start[i + 1] - groups->start[i];
       P* proto = protos + c * dim;
       if (solve && seen[c]) {
         if (b <= dim) small_system(rows, b, proto, scratch);
@@ -271,8 +282,7 @@ void for_each_class_run(const ClassGroups& g, int64_t dim, bool solve, bool upda
   const int64_t n = static_cast<int64_t>(g.present.size());
   std::vector<int64_t> cumulative(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = g.present[i];
-    cumulative[i + 1] = cumulative[i] + class_work(g.start[c + 1] - g.start[c], dim, solve, update);
+    cumulative[i + 1] = cumulative[i] + class_work(g.start[i + 1] - g.start[i], dim, solve, update);
   }
   const int64_t runs = std::min<int64_t>(at::get_num_threads(), n);
   if (cumulative[n] < kParallelWork || runs <= 1) {
@@ -346,12 +356,13 @@ void check_inputs(const at::Tensor& features, const at::Tensor& labels, const at
   TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, kOp, ": momentum must lie in [0, 1), got ", momentum);
 }
 
-// A float32/float64 contiguous tensor to compute on: `t` itself when possible, else a copy
-// that the caller writes back (so any floating dtype and layout of the state works).
-at::Tensor working_copy(const at::Tensor& t, bool floating) {
-  const bool supported = !floating || t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
-  if (supported && t.is_contiguous()) return t;
-  return supported ? t.contiguous() : t.to(at::kFloat).contiguous();
+// The state is computed on in place when it is float32/float64 prototypes and a bool
+// `seen`, both contiguous (RDRLoss's buffers). Any other layout or floating dtype (bf16,
+// fp16 prototypes) is computed on a float copy of only the rows of the classes present,
+// written back afterwards: O(B·K) per step, never a copy of the C×K matrix.
+bool state_in_place(const at::Tensor& prototypes, const at::Tensor& seen) {
+  const bool native = prototypes.scalar_type() == at::kFloat || prototypes.scalar_type() == at::kDouble;
+  return native && prototypes.is_contiguous() && seen.is_contiguous();
 }
 
 at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tensor& labels,
@@ -367,8 +378,15 @@ at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tens
   // bf16/fp16 features are upcast once (exactly) to float; float and double are read as they are.
   const at::Tensor z = (is_double ? features : features.to(at::kFloat)).contiguous();
   const at::Tensor factors = class_factors.to(at::kDouble).contiguous();
-  at::Tensor protos = working_copy(prototypes, true), flags = working_copy(seen, false);
-  const ClassGroups groups = group_by_class(y.data_ptr<int64_t>(), batch, num_classes);
+  ClassGroups groups = group_by_class(y.data_ptr<int64_t>(), batch, num_classes);
+  at::Tensor protos = prototypes, flags = seen, present_rows;
+  if (!state_in_place(prototypes, seen)) {  // the present classes' rows, renumbered 0..n−1
+    present_rows = at::tensor(groups.present, y.options());
+    const at::ScalarType work = prototypes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    protos = prototypes.index_select(0, present_rows).to(work).contiguous();
+    flags = seen.index_select(0, present_rows).contiguous();
+    for (size_t i = 0; i < groups.present.size(); ++i) groups.present[i] = static_cast<int64_t>(i);
+  }
   std::vector<double> ratios(batch, 1.0);
   const bool solve = mode == WeightMode::kDensityRatio;
   if (solve || update) {
@@ -381,8 +399,10 @@ at::Tensor rdr_weights_and_update_cpu(const at::Tensor& features, const at::Tens
       });
     });
   }
-  if (update && !protos.is_same(prototypes)) prototypes.copy_(protos);
-  if (update && !flags.is_same(seen)) seen.copy_(flags);
+  if (update && present_rows.defined()) {
+    prototypes.index_copy_(0, present_rows, protos.to(prototypes.scalar_type()));
+    seen.index_copy_(0, present_rows, flags);
+  }
   AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "rdr_weights_cpu", [&] {
     write_weights(ratios.data(), y.data_ptr<int64_t>(), batch, factors.data_ptr<double>(), temperature, mode,
                   weights.data_ptr<scalar_t>());

@@ -38,7 +38,10 @@ def wants_data_checks(validate: bool | None, *tensors: torch.Tensor) -> bool:
     """Whether to run the data checks; call after the tensors are known to be tensors."""
     check_validate(validate)
     if validate is None:
-        return all(t.device.type == "cpu" for t in tensors)
+        for t in tensors:  # a loop, not all(...): this runs every training step
+            if t.device.type != "cpu":
+                return False
+        return True
     return validate
 
 
@@ -81,17 +84,49 @@ def as_labels(labels, batch: int, num_classes: int, data_checks: bool, *, name: 
         raise ValueError(f"the batch is empty: {batch_of} and {name} have 0 samples")
     labels = labels.to(torch.int64)
     if data_checks:
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"{name} must lie in [0, {num_classes}) (the classes of {classes_of}), "
-                             f"got values in [{low}, {high}]")
+        check_label_range(labels, num_classes, name=name, classes_of=classes_of)
     return labels
 
 
-def check_finite(name: str, value: torch.Tensor) -> None:
+def check_label_range(labels: torch.Tensor, num_classes: int, *, name: str = "labels",
+                      classes_of: str = "the prototypes") -> None:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{name} must lie in [0, {num_classes}) (the classes of {classes_of}), "
+                         f"got values in [{low}, {high}]")
+
+
+def data_ok(labels: torch.Tensor, num_classes: int, values, limits, labelled_rows=None) -> bool:
+    """Whether one call's data passes every data check, in one pass over each tensor and
+    one op call (rdr_fast::data_ok): each label in [0, num_classes), each |x| of values[i]
+    within limits[i] (NaN and ±Inf never are), and the rows of ``labelled_rows`` that the
+    labels name finite. A caller runs its precise checks (check_label_range, check_finite,
+    check_feature_scale...), which raise with the message, only when this is False; the
+    tensors must be on one device. Under torch.compile it answers False, so the precise
+    checks, plain torch ops, are what gets traced."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.ops.rdr_fast.data_ok(labels, num_classes, values, limits, labelled_rows)
+
+
+def check_finite(name: str, value: torch.Tensor, where: str = "") -> None:
     finite = torch.isfinite(value)
     if not bool(finite.all()):
-        raise ValueError(f"{name} contains {int((~finite).sum())} NaN or Inf value(s)")
+        raise ValueError(f"{name} contains {int((~finite).sum())} NaN or Inf value(s){where}")
+
+
+def check_finite_rows(name: str, value: torch.Tensor, labels: torch.Tensor) -> None:
+    """The rows of ``value`` [C, K] that the (in-range) labels name are finite: the state
+    rows a step reads, O(B·K) whatever C is."""
+    check_finite(name, value[labels.unique()], where=" in the rows of the batch's classes")
+
+
+def feature_limit(features: torch.Tensor, prototypes: torch.Tensor) -> float:
+    """The largest feature magnitude check_feature_scale accepts (inf: finite is enough)."""
+    proto_max = torch.finfo(prototypes.dtype).max
+    if features.dtype == torch.float64:
+        return min(MAX_FEATURE_MAGNITUDE, proto_max)
+    return proto_max if torch.finfo(features.dtype).max > proto_max else math.inf
 
 
 def check_feature_scale(features: torch.Tensor, prototypes: torch.Tensor) -> None:
@@ -100,7 +135,7 @@ def check_feature_scale(features: torch.Tensor, prototypes: torch.Tensor) -> Non
     float64, where the square of float32's largest value is far from overflowing."""
     check_finite("features", features)
     proto_max = torch.finfo(prototypes.dtype).max
-    if features.dtype != torch.float64 and torch.finfo(features.dtype).max <= proto_max:
+    if feature_limit(features, prototypes) == math.inf:
         return  # nothing to read: no value of this dtype can fail
     peak = float(features.detach().abs().max())
     if features.dtype == torch.float64 and peak > MAX_FEATURE_MAGNITUDE:
@@ -215,13 +250,20 @@ def unaliased(state: tuple[torch.Tensor, ...], **inputs: torch.Tensor) -> list[t
     Under torch.compile the traced graph handles aliased inputs itself."""
     if torch.compiler.is_compiling():
         return list(inputs.values())
-    return [value.clone() if any(_overlap(value, s) for s in state) else value for value in inputs.values()]
+    out = []
+    for value in inputs.values():  # plain loops: this runs every training step
+        for s in state:
+            if torch._C._is_alias_of(value, s) and _overlap(value, s):
+                value = value.clone()
+                break
+        out.append(value)
+    return out
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors' memory ranges intersect (conservative for strided views:
-    the byte span from the first to the last element)."""
-    if a.numel() == 0 or b.numel() == 0 or not torch._C._is_alias_of(a, b):
+    """Whether two tensors that share a storage have intersecting memory ranges
+    (conservative for strided views: the byte span from the first to the last element)."""
+    if a.numel() == 0 or b.numel() == 0:
         return False
     (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
     return a0 < b1 and b0 < a1

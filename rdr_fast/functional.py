@@ -1,7 +1,7 @@
 """Stateless RDR functions (docs/algorithm.md): validated wrappers over the two custom ops
 (rdr_weights_and_update, weighted_loss; loss_from_weights, the loss from given weights
-and logit adjustment, for RDRLoss and SAM), the unchecked weights_from_factors for
-RDRLoss, which has checked its inputs, plus density_ratios (the PyTorch path, for
+and logit adjustment, for RDRLoss and SAM), the unchecked weights_from_factors and
+loss_from_weights_unchecked for RDRLoss, which has checked its inputs, plus density_ratios (the PyTorch path, for
 inspection) and the plain-torch helpers class_factors and log_prior.
 
 Shapes: B samples, C classes, K feature width. Labels are integers in [0, C), of any
@@ -16,6 +16,8 @@ sync. Type, shape, dtype, device and hyperparameter checks always run. An input 
 shares memory with the prototypes or seen flags updated in place is copied first.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -126,7 +128,7 @@ def weighted_loss(logits, labels, weights, *, base: str = "ce", class_counts=Non
             raise ValueError(f"class_counts has {len(adjust)} classes but logits have {logits.shape[1]}")
         adjust = adjust.to(logits.device)
     gamma = float(focal_gamma) if base == "focal" else 0.0
-    return _loss_op(logits, labels, weights, adjust, gamma)
+    return loss_from_weights_unchecked(logits, labels, weights, adjust, gamma)
 
 
 def loss_from_weights(logits, labels, weights, *, logit_adjust=None, focal_gamma: float = 0.0,
@@ -137,12 +139,12 @@ def loss_from_weights(logits, labels, weights, *, logit_adjust=None, focal_gamma
     ``loss_from_weights`` (SAM's second pass) calls it."""
     _checks.check_range("focal_gamma", focal_gamma, 0.0, float("inf"))
     labels = _checked_loss_inputs(logits, labels, weights, logit_adjust, validate)
-    return _loss_op(logits, labels, weights, logit_adjust, float(focal_gamma))
+    return loss_from_weights_unchecked(logits, labels, weights, logit_adjust, float(focal_gamma))
 
 
-def _loss_op(logits, labels, weights, logit_adjust, focal_gamma: float) -> torch.Tensor:
-    """The loss through the op, without checks (RDRLoss.forward and the two functions above
-    have made them). The gradient is only computed when autograd will need it."""
+def loss_from_weights_unchecked(logits, labels, weights, logit_adjust, focal_gamma: float) -> torch.Tensor:
+    """The loss through the op, without checks: the caller (RDRLoss.forward, the two
+    functions above) has made them. The gradient is only computed when autograd will need it."""
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _ = torch.ops.rdr_fast.weighted_loss(logits, labels, weights.detach(), logit_adjust, focal_gamma,
                                                compute_grad)
@@ -183,11 +185,14 @@ def _checked_state_inputs(features, labels, prototypes, seen, validate) -> torch
     _checks.check_features(features, prototypes.shape[1], width_name="the prototypes' width")
     _checks.check_tensor("labels", labels, 1)
     data_checks = _checks.wants_data_checks(validate, features, labels)
-    labels = _checks.as_labels(labels, features.shape[0], len(prototypes), data_checks)
+    labels = _checks.as_labels(labels, features.shape[0], len(prototypes), False)
     _checks.check_same_device(features=features, labels=labels, prototypes=prototypes, seen=seen)
-    if data_checks:
+    # Only the prototype rows of the batch's classes are read (and checked): O(B·K), not O(C·K).
+    limit = _checks.feature_limit(features, prototypes)
+    if data_checks and not _checks.data_ok(labels, len(prototypes), (features,), (limit,), prototypes):
+        _checks.check_label_range(labels, len(prototypes))
         _checks.check_feature_scale(features, prototypes)
-        _checks.check_finite("prototypes", prototypes)
+        _checks.check_finite_rows("prototypes", prototypes, labels)
     return labels
 
 
@@ -202,12 +207,14 @@ def _checked_loss_inputs(logits, labels, weights, logit_adjust, validate) -> tor
         if len(logit_adjust) != logits.shape[1]:
             raise ValueError(f"logit_adjust has {len(logit_adjust)} entries but logits have {logits.shape[1]} classes")
     data_checks = _checks.wants_data_checks(validate, logits, labels, weights)
-    labels = _checks.as_labels(labels, logits.shape[0], logits.shape[1], data_checks, batch_of="logits",
+    labels = _checks.as_labels(labels, logits.shape[0], logits.shape[1], False, batch_of="logits",
                                classes_of="the logits' columns")
     _checks.check_same_device(logits=logits, labels=labels, weights=weights, logit_adjust=logit_adjust)
-    if data_checks:
-        _checks.check_finite("logits", logits)
-        _checks.check_finite("weights", weights)
-        if logit_adjust is not None:
-            _checks.check_finite("logit_adjust", logit_adjust)
+    named = {"logits": logits, "weights": weights, "logit_adjust": logit_adjust}
+    named = {name: value for name, value in named.items() if value is not None}
+    values = tuple(named.values())
+    if data_checks and not _checks.data_ok(labels, logits.shape[1], values, (math.inf,) * len(values)):
+        _checks.check_label_range(labels, logits.shape[1], classes_of="the logits' columns")
+        for name, value in named.items():
+            _checks.check_finite(name, value)
     return labels

@@ -1,6 +1,8 @@
 """RDRLoss: Re-weighting with Density Ratio as an nn.Module (docs/algorithm.md)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -97,22 +99,23 @@ class RDRLoss(nn.Module):
             update_state = False
         else:
             update_state = self.training
-        features, logits, targets = self._checked_inputs(features, logits, targets)
+        prototypes, seen = self.prototypes, self.seen  # one module attribute lookup each
+        features, logits, targets = self._checked_inputs(features, logits, targets, prototypes, seen)
         global_update = update_state and self.sync_prototypes and distributed.multi_rank()
         # The mode leaves warm-up out: it is applied below from the step buffer, without a host sync.
         weights = functional.weights_from_factors(
-            features, targets, self.prototypes, self.seen, self.class_factors, mode=weight_mode(self.reweight),
+            features, targets, prototypes, seen, self.class_factors, mode=weight_mode(self.reweight),
             ridge=self.ridge, temperature=self.temperature, momentum=self.momentum,
             update=update_state and not global_update)
         if global_update:
-            distributed.update_prototypes_global_(self.prototypes, self.seen, features, targets, self.momentum)
+            distributed.update_prototypes_global_(prototypes, seen, features, targets, self.momentum)
         if self.warmup_steps > 0 and self.reweight != "none":
             # A tensor comparison, not `if step < warmup`: no host sync, capturable.
             weights = torch.where(self.step < self.warmup_steps, torch.ones_like(weights), weights)
         if self.training:
             self.step.add_(1)
         self.last_weights = weights.detach()
-        return self._loss(logits, targets, weights, validate=False)  # the inputs are checked above
+        return self._loss(logits, targets, weights, validate=None, checked=True)  # the inputs are checked above
 
     def loss_from_weights(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This criterion's base loss (ce / focal / la) weighted by the given ``weights``:
@@ -121,29 +124,40 @@ class RDRLoss(nn.Module):
         _checks.check_logits(logits, self.num_classes)
         return self._loss(logits, targets, weights, validate=self.validate)
 
-    def _loss(self, logits, targets, weights, validate) -> torch.Tensor:
+    def _loss(self, logits, targets, weights, validate, checked: bool = False) -> torch.Tensor:
+        """The base loss weighted by ``weights``; ``checked``: the inputs have been checked
+        (forward), so the fused op is called without checking them again."""
         gamma = self.focal_gamma if self.base == "focal" else 0.0
-        reduce = functional.per_sample_losses if self.reduction == "none" else functional.loss_from_weights
-        loss = reduce(logits, targets, weights, logit_adjust=self.logit_adjust, focal_gamma=gamma, validate=validate)
+        if self.reduction == "none":
+            return functional.per_sample_losses(logits, targets, weights, logit_adjust=self.logit_adjust,
+                                                focal_gamma=gamma, validate=False if checked else validate)
+        if checked:
+            loss = functional.loss_from_weights_unchecked(logits, targets, weights, self.logit_adjust, gamma)
+        else:
+            loss = functional.loss_from_weights(logits, targets, weights, logit_adjust=self.logit_adjust,
+                                                focal_gamma=gamma, validate=validate)
         return loss * len(targets) if self.reduction == "sum" else loss
 
-    def _checked_inputs(self, features, logits, targets):
+    def _checked_inputs(self, features, logits, targets, prototypes, seen):
         """(features, logits, targets) checked, targets as int64, and in training (which
         updates the prototypes and seen flags in place) any input that shares their memory
-        copied."""
-        _checks.check_logits(logits, self.num_classes)
-        _checks.check_features(features, self.feat_dim, batch=logits.shape[0])
+        copied. The data checks make one pass (_checks.data_ok); only if it fails do the
+        precise checks run, for the message."""
+        num_classes = len(prototypes)
+        _checks.check_logits(logits, num_classes)
+        _checks.check_features(features, prototypes.shape[1], batch=logits.shape[0])
         _checks.check_tensor("targets", targets, 1)
         data_checks = _checks.wants_data_checks(self.validate, features, logits, targets)
-        targets = _checks.as_labels(targets, logits.shape[0], self.num_classes, data_checks, name="targets",
+        targets = _checks.as_labels(targets, logits.shape[0], num_classes, False, name="targets",
                                     batch_of="logits", classes_of="class_counts")
-        _checks.check_same_device(features=features, logits=logits, targets=targets,
-                                  prototypes=self.prototypes)
-        if data_checks:
-            _checks.check_feature_scale(features, self.prototypes)
+        _checks.check_same_device(features=features, logits=logits, targets=targets, prototypes=prototypes)
+        if data_checks and not _checks.data_ok(targets, num_classes, (features, logits),
+                                               (_checks.feature_limit(features, prototypes), math.inf)):
+            _checks.check_label_range(targets, num_classes, name="targets", classes_of="class_counts")
+            _checks.check_feature_scale(features, prototypes)
             _checks.check_finite("logits", logits)
         if self.training:
-            features, logits, targets = _checks.unaliased((self.prototypes, self.seen), features=features,
+            features, logits, targets = _checks.unaliased((prototypes, seen), features=features,
                                                           logits=logits, targets=targets)
         return features, logits, targets
 

@@ -51,6 +51,12 @@ LIB.define(
 LIB.define("weighted_loss_grad(Tensor logits, Tensor labels, Tensor weights, Tensor? logit_adjust, "
            "float focal_gamma) -> Tensor")
 LIB.impl("weighted_loss_grad", torch_impl.weighted_loss_grad_differentiable, "CompositeImplicitAutograd")
+# Whether one call's data passes every data check (label range, NaN/Inf, magnitude), in one
+# pass and one dispatch; rdr_fast._checks runs its precise checks, for the message, only
+# when it does not. rdr_fast._C brings the CPU kernel; every other device (and the CPU
+# without _C) runs the PyTorch version, one host sync.
+LIB.define("data_ok(Tensor labels, int num_classes, Tensor[] values, float[] limits, Tensor? labelled_rows) -> bool")
+LIB.impl("data_ok", torch_impl.data_ok_torch, "CompositeExplicitAutograd")
 
 IMPLS = ("auto", "triton", "torch", "reference")
 BACKENDS: dict[str, dict[str, str]] = {"rdr_weights_and_update": {}, "weighted_loss": {}}

@@ -265,3 +265,16 @@ def _focal_terms(log_pt, gamma: float):
     safe = torch.where(one_minus > 0, one_minus, torch.ones_like(one_minus))
     slope = torch.where(one_minus > 0, gamma * safe.pow(gamma - 1) * p * log_pt, torch.zeros_like(p))
     return -modulator * log_pt, slope - modulator
+
+
+def data_ok_torch(labels, num_classes: int, values, limits, labelled_rows) -> bool:
+    """The op data_ok: every label in [0, num_classes), every |x| of values[i] within
+    limits[i] (capped at the dtype's largest finite value, so NaN and ±Inf fail), and the
+    rows of ``labelled_rows`` [C, K] that the labels name finite. One host read."""
+    ok = ((labels >= 0) & (labels < num_classes)).all()
+    for value, limit in zip(values, limits):
+        ok = ok & (value.abs() <= min(limit, torch.finfo(value.dtype).max)).all()
+    if labelled_rows is not None:
+        rows = labelled_rows.index_select(0, labels.clamp(0, num_classes - 1).to(torch.int64))
+        ok = ok & torch.isfinite(rows).all()
+    return bool(ok)

@@ -200,3 +200,45 @@ def import_backends(impl: str) -> dict:
 @pytest.mark.parametrize("impl,expected", [("auto", "cpp"), ("torch", "torch"), ("reference", "reference")])
 def test_rdr_fast_impl_selects_the_cpu_kernel_without_warnings(impl, expected):
     assert {devices["cpu"] for devices in import_backends(impl).values()} == {expected}
+
+
+def data_ok_cases():
+    """(name, args of data_ok, the expected answer), over the dtypes and faults the checks meet."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0, 3, 3, 1, 0, 2, 5, 3])
+    cases = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        x = torch.randn(8, 300, generator=g).to(dtype)  # > one vector of every ISA level
+        rows = torch.randn(7, 5, generator=g).to(dtype)  # class 4 and 6 are not in the batch
+        t = str(dtype).removeprefix("torch.")
+        cases.append((f"good-{t}", (labels, 7, [x, x.T], [float("inf")] * 2, rows), True))
+        for position, value in ((0, float("nan")), (1799, float("inf")), (2399, -float("inf"))):
+            bad = x.clone()
+            bad.view(-1)[position] = value
+            cases.append((f"{value}-at-{position}-{t}", (labels, 7, [x, bad], [float("inf")] * 2, None), False))
+        cases.append((f"beyond-limit-{t}", (labels, 7, [x], [float(x.abs().max()) * 0.99], None), False))
+        cases.append((f"at-limit-{t}", (labels, 7, [x], [float(x.abs().max())], None), True))
+        for row, expected in ((4, True), (6, True), (5, False), (0, False)):
+            bad_rows = rows.clone()
+            bad_rows[row, 2] = float("nan")
+            cases.append((f"nan-row-{row}-{t}", (labels, 7, [], [], bad_rows), expected))
+    for value in (-1, 7, 2 ** 40):
+        bad = labels.clone()
+        bad[3] = value
+        cases.append((f"label-{value}", (bad, 7, [], [], None), False))
+    cases.append(("int8-labels", (labels.to(torch.int8), 7, [], [], None), True))
+    cases.append(("uint8-label-200", (torch.tensor([1, 200], dtype=torch.uint8), 7, [], [], None), False))
+    cases.append(("float64-above-1e150", (labels, 7, [torch.tensor([1e151, 0.0], dtype=torch.float64)], [1e150],
+                                          None), False))
+    return cases
+
+
+@pytest.mark.parametrize("name,args,expected", data_ok_cases(), ids=[c[0] for c in data_ok_cases()])
+def test_data_ok_kernel_agrees_with_the_pytorch_version(name, args, expected):
+    """rdr_fast::data_ok, C++ and the PyTorch version (torch_impl.data_ok_torch), on every
+    fault the data checks look for, in every floating dtype and a transposed layout."""
+    from rdr_fast import torch_impl
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("rdr_fast::data_ok", "CPU")  # the C++ kernel runs
+    assert torch_impl.data_ok_torch(*args) is expected
+    assert torch.ops.rdr_fast.data_ok.default(*args) is expected

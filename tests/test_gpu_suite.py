@@ -55,7 +55,7 @@ def test_dry_run_runs_every_section(tmp_path):
     # for the C++ kernel's speed-up where rdr_fast._C is not built)
     checks = result["checks"]
     has_cpp = result["machine_info"]["rdr_fast"]["backends"]["rdr_weights_and_update"]["cpu"] == "cpp"
-    assert len(checks) == 8 and checks[0]["check"].startswith("weights+update cpu"), checks
+    assert len(checks) == 9 and checks[0]["check"].startswith("weights+update cpu"), checks
     assert {c["status"] for c in checks[int(not has_cpp):]} <= {"pass", "FAIL"}, checks
     assert "rdr_fast GPU suite" in run.stdout and "**checks**" in run.stdout and "**scaling**" in run.stdout
 
@@ -94,6 +94,9 @@ def test_checks_are_computed_from_the_rows():
         bench("test_sam_step", 10.0, device="cuda", mode="graph", method="sam", loss="ce"),
         bench("test_sam_step", 10.2, device="cuda", mode="graph", method="sam", loss="rdr"),
         bench("test_sam_step", 1.0, device="cuda", mode="eager", method="sam", loss="rdr"),  # no ce row
+        bench("test_module_paired", 0.0, group="module/cpu/paired", device="cpu", shape=shape, rdr_vs_ce=1.4),
+        bench("test_module_paired", 0.0, group="module/cpu/paired", device="cpu", shape=[256, 1000, 512],
+              rdr_vs_ce=1.6),  # only the first shape is checked
     ]
     data = {"machine_info": {"rdr_fast": {"weights_check_shape": shape}}, "benchmarks": benchmarks}
     got = [(c["check"], c["status"], c["value"] and round(c["value"], 4)) for c in summarize.checks(data)]
@@ -106,6 +109,7 @@ def test_checks_are_computed_from_the_rows():
         ("ResNet-32 step cpu eager fp32: RDR / CE (paired)", "missing", None),
         ("ResNet-32 step cuda graph bf16: RDR / CE (paired)", "pass", 1.01),
         ("ResNet-32 step cuda graph fp32: RDR / CE (paired)", "FAIL", 1.05),
+        ("RDRLoss cpu (128, 100, 64): default args / CE (paired)", "pass", 1.4),
         ("SAM cuda ce: fused SAM / SGD step (paired)", "pass", 1.9),
         ("SAM cuda ce: min(sam_k, looksam) / SGD step (paired)", "pass", 1.25),
         ("SAM cuda rdr: fused SAM / SGD step (paired)", "FAIL", 2.1),

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import rdr_fast
+from rdr_fast import functional as Fn
 from rdr_fast import reference as ref
+from rdr_fast import torch_impl
 from conftest import CPU_AND_CUDA, long_tail_counts, long_tail_labels
 
 COUNTS = long_tail_counts(10)
@@ -234,3 +236,43 @@ def test_rdr_without_features_and_an_unknown_reduction_are_refused_by_name():
         rdr_fast.RDRLoss([4, 2], 3)(None, torch.randn(2, 2), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="reduction must be one of"):
         rdr_fast.RDRLoss([4, 2], 3, reduction="avg")
+
+
+def bytes_allocated(fn) -> int:
+    """CPU bytes that the ops run by ``fn`` allocate (torch.profiler's memory accounting of
+    the outermost ops, which includes what their inner ops allocate)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(event.cpu_memory_usage, 0) for event in prof.events() if event.cpu_parent is None)
+
+
+def test_a_step_with_many_classes_allocates_nothing_of_the_prototypes_size():
+    """C = 100 000 classes, K = 64: a training step (default arguments, so with the data
+    checks) touches only the batch's prototype rows. Its allocations are the logits'
+    gradient [B, C] and O(B·K) scratch, far below the C·K prototype matrix: no copy of
+    the state, no full-state check. The functional op (also on bf16 prototypes) and the
+    PyTorch path likewise."""
+    num_classes, dim, batch = 100_000, 64, 8
+    state_bytes = num_classes * dim * 4
+    crit = rdr_fast.RDRLoss(torch.ones(num_classes, dtype=torch.long), dim)
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(batch, dim, generator=g)
+    logits = torch.randn(batch, num_classes, generator=g, requires_grad=True)
+    labels = torch.randint(0, num_classes, (batch,), generator=g)
+    crit(features, logits, labels).backward()  # the classes of the batch are seen from now on
+
+    def step():
+        logits.grad = None
+        crit(features, logits, labels).backward()
+    assert bytes_allocated(step) < logits.numel() * 4 + state_bytes // 8
+    protos, seen = crit.prototypes.clone(), crit.seen.clone()
+    factors = crit.class_factors
+    assert bytes_allocated(lambda: Fn.rdr_weights_and_update(features, labels, protos, seen, crit.class_counts)) \
+        < state_bytes // 4  # the class factors, O(C), are made per call
+    half_state = protos.bfloat16()  # computed on through a float copy of the batch's rows only
+    assert bytes_allocated(lambda: Fn.rdr_weights_and_update(features, labels, half_state, seen, crit.class_counts,
+                                                             validate=False)) < state_bytes // 4
+    assert bytes_allocated(lambda: torch_impl.rdr_weights_and_update_torch(
+        features, labels, protos, seen, factors, 1e-5, 1.0, 0.9, "density_ratio", True)) < state_bytes // 8
