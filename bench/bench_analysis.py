@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from rdr_fast import RDRLoss, analysis
 from rdr_fast.models import build_model
-from conftest import CPU_AND_CUDA, SMOKE, rounds
+from conftest import CPU_AND_CUDA, SMOKE, rounds, timed
 
 COUNTS = [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]  # fmnist_lt, IF 100
 FEW = (7, 10)
@@ -83,13 +83,9 @@ def test_sharpness_of_the_few_split(benchmark, device, estimator, loss):
     benchmark.extra_info.update(method=f"{estimator} {loss}", device=device, samples=sum(len(y) for _, y in batches),
                                 iters=ITERS, trace_samples=TRACE_SAMPLES, density=f"{DENSITY_RUNS}x{DENSITY_STEPS}")
 
-    def run():
-        out = ESTIMATORS[estimator](model, losses[loss], batches)
-        if device == "cuda":
-            torch.cuda.synchronize()  # the estimators end on host numbers, but an hvp ends on the device
-        return out
+    run = timed(lambda: ESTIMATORS[estimator](model, losses[loss], batches), device)
     many = estimator == "hvp"  # one product is cheap; a whole estimator lasts seconds on a CPU
     out = benchmark.pedantic(run, rounds=rounds(20 if many else 1, 20 if many else 3, device), iterations=1,
-                             warmup_rounds=int(device == "cuda" or many) and not SMOKE)
+                             warmup_rounds=0 if SMOKE or (device == "cpu" and not many) else 1)
     values = out.density if estimator == "density" else torch.as_tensor(out)
     assert torch.isfinite(values).all()
