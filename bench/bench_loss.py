@@ -10,10 +10,24 @@ test_module_paired times RDRLoss against
 F.cross_entropy in alternating pairs and reports the median per-pair ratios, which
 summarize.py checks (≤ 1.5 at the first shape).
 
+Then what autograd costs around the op (the ``loss/autograd/...`` groups), on the device's
+own backend: ``kernel`` runs the op's kernel below autograd and sets the gradient it
+computed as ``logits.grad`` (no graph, no backward: the least training could do);
+``op`` is training's ``torch.ops.rdr_fast.weighted_loss`` + ``loss.backward()``, which
+replays that saved gradient; ``op create_graph`` takes the gradient with
+``create_graph=True`` (the double-backward path of rdr_fast.analysis, recomputed by
+differentiable torch ops), for reference. ``test_op_vs_kernel_paired`` times ``op`` against
+``kernel`` in alternating pairs and records the median ratio (``op_vs_kernel``), which
+summarize.py checks: the support for double backward must leave training's backward as
+cheap as it was, i.e. within autograd's fixed per-call overhead of the bare kernel.
+
 Run: pytest bench/bench_loss.py --benchmark-only --benchmark-group-by=group
-(the module rows as measured in bench/README.md: OMP_NUM_THREADS=1 and -k module)
+(BENCH_LOSS_PAIRS: pairs of the op/kernel ratio, default 30; the module rows as measured
+in bench/README.md: OMP_NUM_THREADS=1 and -k module)
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -26,6 +40,7 @@ from conftest import CPU_AND_CUDA, SMOKE, long_tail_batch, median_paired_ratio, 
 
 SHAPES = [(8, 10), (4, 300)] if SMOKE else [(256, 1000), (128, 100)]
 HAS_CPP = rdr_fast.backends()["weighted_loss"]["cpu"] == "cpp"
+PAIRS = 1 if SMOKE else int(os.environ.get("BENCH_LOSS_PAIRS", "30"))
 
 
 class SavedGradLoss(torch.autograd.Function):
@@ -152,3 +167,70 @@ def test_module_paired(benchmark, device, shape):
         for name, key in (("rdr", "rdr_vs_ce"), ("rdr validate=False", "rdr_unchecked_vs_ce")):
             benchmark.extra_info[key] = median_paired_ratio(unit(name), unit("ce"), pairs)
     benchmark.pedantic(measure, rounds=1, iterations=1, warmup_rounds=0)
+
+
+# --------------------------------------------------------------------------- autograd's cost
+
+def kernel_no_autograd(logits, labels, weights):
+    """The op's device kernel called below the Autograd key, its gradient set as logits.grad."""
+    with torch._C._AutoDispatchBelowAutograd():
+        loss, grad = torch.ops.rdr_fast.weighted_loss(logits, labels, weights, None, 0.0, True)
+    logits.grad = grad
+    return loss
+
+
+def op_backward(logits, labels, weights):
+    loss = torch.ops.rdr_fast.weighted_loss(logits, labels, weights, None, 0.0, True)[0]
+    loss.backward()
+    return loss
+
+
+def op_create_graph(logits, labels, weights):
+    loss = torch.ops.rdr_fast.weighted_loss(logits, labels, weights, None, 0.0, True)[0]
+    (grad,) = torch.autograd.grad(loss, logits, create_graph=True)
+    logits.grad = grad.detach()  # a graph kept in logits.grad would hold logits itself: a cycle
+    return loss
+
+
+AUTOGRAD_PATHS = {"kernel": kernel_no_autograd, "op": op_backward, "op create_graph": op_create_graph}
+
+
+def autograd_step(path, device, shape):
+    """(step, logits, reference gradient): one call of ``path`` on fixed random inputs."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*shape, generator=g).mul_(3).to(device).requires_grad_(True)
+    labels = torch.randint(0, shape[1], (shape[0],), generator=g).to(device)
+    weights = (torch.rand(shape[0], generator=g) + 0.5).to(device)
+    (expected,) = torch.autograd.grad(unfused(logits, labels, weights), logits)
+
+    def step():
+        logits.grad = None
+        return AUTOGRAD_PATHS[path](logits, labels, weights)
+    return step, logits, expected
+
+
+@pytest.mark.parametrize("path", list(AUTOGRAD_PATHS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}".format(*s))
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_loss_autograd_cost(benchmark, device, shape, path):
+    step, logits, expected = autograd_step(path, device, shape)
+    step()
+    torch.testing.assert_close(logits.grad.detach(), expected, rtol=1e-5, atol=1e-7)
+    benchmark.group = "loss/autograd/{}/float32/B{}-C{}".format(device, *shape)
+    benchmark.extra_info.update(backend=path, device=device, shape=list(shape))
+    benchmark(timed(step, device))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-C{}".format(*s))
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_op_vs_kernel_paired(benchmark, device, shape):
+    """``op`` / ``kernel`` as the median of PAIRS alternating, adjacent timings of 50 calls
+    each (conftest.median_paired_ratio), recorded in extra_info."""
+    steps = {path: timed(autograd_step(path, device, shape)[0], device) for path in ("op", "kernel")}
+    calls = 1 if SMOKE else 50
+    ratio = median_paired_ratio(lambda: seconds_per_call(steps["op"], calls),
+                                lambda: seconds_per_call(steps["kernel"], calls), PAIRS)
+    benchmark.group = "loss/autograd/{}/float32/B{}-C{}/paired".format(device, *shape)
+    benchmark.extra_info.update(device=device, shape=list(shape), op_vs_kernel=ratio,
+                                kernel_s_per_call=seconds_per_call(steps["kernel"], calls))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)

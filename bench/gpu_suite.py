@@ -40,7 +40,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_FILES = ["tests/test_backends.py", "tests/test_triton.py", "tests/test_ops.py", "tests/test_rdrloss.py",
               "tests/test_fallback.py", "tests/test_double_backward.py"]
-BENCH_FILES = ["bench_weights", "bench_step", "bench_sam", "bench_loss", "bench_loaders", "bench_scaling"]
+BENCH_FILES = ["bench_weights", "bench_step", "bench_sam", "bench_loss", "bench_loaders", "bench_analysis",
+               "bench_scaling"]
 PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
 # Time plan within --budget-s: the install; the CUDA tests, leaving BENCH_S + CPU_TESTS_S;
 # the benchmarks and their summary until CPU_TESTS_S before the end; last the CPU tests.

@@ -5,8 +5,8 @@
 
 Tables (the format of bench/README.md): each group gets one row per backend / method /
 loader: median and min µs, rounds, and the speed-up over every baseline present in the
-group (reference, official, unfused, torch, ce, sgd, torchvision: baseline median / row
-median), then any ratio a benchmark timed itself in pairs. The rows of bench_scaling.py
+group (reference, official, unfused, torch, kernel, ce, sgd, torchvision: baseline median /
+row median), then any ratio a benchmark timed itself in pairs. The rows of bench_scaling.py
 make one table of their own (scaling_table: time, peak extra memory, flop and byte
 rates, fraction of the attainable; bench/plot_scaling.py draws them).
 
@@ -23,6 +23,10 @@ pass, FAIL, or missing (a row it needs is absent):
 - step: RDR step ≤ 1.01× CE step (bench_step.py's paired ratio);
 - module: RDRLoss forward + backward with default arguments ≤ 1.5× F.cross_entropy's
   (bench_loss.py's paired ratio, first module shape);
+- loss autograd (CPU): the op's forward + backward ≤ 2× its bare kernel at the largest
+  shape of bench_loss.py (paired ratio): autograd's fixed per-call cost, not a recomputed
+  gradient (the no-graph backward replays the saved one; recomputing it by the
+  double-backward path would cost several kernels more);
 - SAM: fused SAM ≤ 2.05× an SGD step, the cheaper of sam_k / looksam ≤ 1.3× (paired
   ratios of bench_sam.py), and the SAM step with RDR ≤ 1.03× the one without, paired and
   from two separately timed rows (which on a busy machine move with the load).
@@ -33,7 +37,7 @@ import argparse
 import json
 from collections import defaultdict
 
-BASELINES = ("reference", "official", "unfused", "torch", "ce", "sgd", "torchvision")  # each one present is a column
+BASELINES = ("reference", "official", "unfused", "torch", "kernel", "ce", "sgd", "torchvision")  # each one present is a column
 LABEL_KEYS = ("backend", "method", "loader")  # extra_info keys that name a row
 FAST_WEIGHTS_KERNEL = {"cpu": "cpp", "cuda": "triton"}
 # (B, C, K) → the speed-up over the authors' structure to reach there.
@@ -78,12 +82,12 @@ def tables(data: dict) -> str:
         lines.append(f"\n**{group}**\n")
         if not group.endswith("/paired"):  # paired groups time their own pairs: no row of their own
             baselines = [b for b in BASELINES if b in stats]
-            lines += ["| row | median µs | min µs | rounds | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+            lines += ["| " + " | ".join(["row", "median µs", "min µs", "rounds"] + [f"vs {b}" for b in baselines]) + " |",
                       "|---|---:|---:|---:|" + "---:|" * len(baselines)]
             for label, s in stats.items():
                 ratios = [f"{stats[b]['median'] / s['median']:.2f}×" if "+" not in label else "—" for b in baselines]
-                lines.append(f"| {label} | {s['median'] * 1e6:,.1f} | {s['min'] * 1e6:,.1f} | {s['rounds']} | "
-                             + " | ".join(ratios) + " |")
+                cells = [label, f"{s['median'] * 1e6:,.1f}", f"{s['min'] * 1e6:,.1f}", str(s["rounds"])] + ratios
+                lines.append("| " + " | ".join(cells) + " |")
         for label, extra in extras[group].items():
             lines += reported_ratios(label, extra)
     return "\n".join(lines)
@@ -191,6 +195,16 @@ def step_checks(data: dict) -> list[dict]:
     return out
 
 
+def loss_autograd_checks(data: dict) -> list[dict]:
+    pairs = rows(data, "test_op_vs_kernel_paired", device="cpu")
+    if not pairs:
+        return []
+    # The largest shape: where the kernel's own work weighs most against autograd's fixed cost.
+    info = max(pairs, key=lambda b: b["extra_info"]["shape"][0] * b["extra_info"]["shape"][1])["extra_info"]
+    return [verdict("loss cpu B{}-C{}: weighted_loss op fwd+bwd / bare kernel (paired)".format(*info["shape"]),
+                    info.get("op_vs_kernel"), at_most=2.0)]
+
+
 def sam_checks(data: dict) -> list[dict]:
     out = []
     for bench in rows(data, "test_paired_ratios_vs_sgd"):
@@ -221,7 +235,8 @@ def module_checks(data: dict) -> list[dict]:
 
 
 def checks(data: dict) -> list[dict]:
-    return weights_checks(data) + official_checks(data) + step_checks(data) + module_checks(data) + sam_checks(data)
+    return (weights_checks(data) + official_checks(data) + step_checks(data) + module_checks(data)
+            + loss_autograd_checks(data) + sam_checks(data))
 
 
 def checks_table(results: list[dict]) -> str:

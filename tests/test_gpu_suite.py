@@ -16,7 +16,7 @@ from conftest import ROOT, load_bench_module
 
 SUITE = os.path.join(ROOT, "bench", "gpu_suite.py")
 SECTIONS = ["install", "tests_gpu", "bench_weights", "bench_step", "bench_sam", "bench_loss", "bench_loaders",
-            "bench_scaling", "summarize", "tests_cpu"]
+            "bench_analysis", "bench_scaling", "summarize", "tests_cpu"]
 
 
 def labels(path) -> set:
@@ -46,16 +46,18 @@ def test_dry_run_runs_every_section(tmp_path):
     # every row of every bench file ran on the CPU, the Triton rows in the interpreter
     assert {"reference", "official", "torch", "triton", "triton BS16/BK64/w4", "rdr_fast"} <= labels(
         tmp_path / "bench_weights.json")
-    assert {"unfused", "torch", "triton"} <= labels(tmp_path / "bench_loss.json")
+    assert {"unfused", "torch", "triton", "kernel", "op", "op create_graph"} <= labels(tmp_path / "bench_loss.json")
     assert labels(tmp_path / "bench_step.json") == {"ce", "official", "rdr", "ce+official+rdr (alternated)"}
     assert {"torch", "triton"} <= labels(tmp_path / "bench_scaling.json")
     assert labels(tmp_path / "bench_sam.json") == {"sgd", "sam_naive", "sam", "sam_k", "looksam"}
     assert {"torchvision", "torch", "gpu"} <= labels(tmp_path / "bench_loaders.json")
+    assert labels(tmp_path / "bench_analysis.json") == {f"{e} {loss}" for e in ("hvp", "extremes", "trace")
+                                                        for loss in ("rdr", "ce")} | {"density rdr"}
     # every CPU check computed from those rows (smoke figures: pass or FAIL; missing only
     # for the C++ kernel's speed-up where rdr_fast._C is not built)
     checks = result["checks"]
     has_cpp = result["machine_info"]["rdr_fast"]["backends"]["rdr_weights_and_update"]["cpu"] == "cpp"
-    assert len(checks) == 9 and checks[0]["check"].startswith("weights+update cpu"), checks
+    assert len(checks) == 10 and checks[0]["check"].startswith("weights+update cpu"), checks
     assert {c["status"] for c in checks[int(not has_cpp):]} <= {"pass", "FAIL"}, checks
     assert "rdr_fast GPU suite" in run.stdout and "**checks**" in run.stdout and "**scaling**" in run.stdout
 
@@ -97,6 +99,9 @@ def test_checks_are_computed_from_the_rows():
         bench("test_module_paired", 0.0, group="module/cpu/paired", device="cpu", shape=shape, rdr_vs_ce=1.4),
         bench("test_module_paired", 0.0, group="module/cpu/paired", device="cpu", shape=[256, 1000, 512],
               rdr_vs_ce=1.6),  # only the first shape is checked
+        bench("test_op_vs_kernel_paired", 0.0, device="cpu", shape=[128, 100], op_vs_kernel=2.7),
+        bench("test_op_vs_kernel_paired", 0.0, device="cpu", shape=[256, 1000], op_vs_kernel=1.6),  # the checked one
+        bench("test_op_vs_kernel_paired", 0.0, device="cuda", shape=[256, 1000], op_vs_kernel=3.0),  # CPU only
     ]
     data = {"machine_info": {"rdr_fast": {"weights_check_shape": shape}}, "benchmarks": benchmarks}
     got = [(c["check"], c["status"], c["value"] and round(c["value"], 4)) for c in summarize.checks(data)]
@@ -110,6 +115,7 @@ def test_checks_are_computed_from_the_rows():
         ("ResNet-32 step cuda graph bf16: RDR / CE (paired)", "pass", 1.01),
         ("ResNet-32 step cuda graph fp32: RDR / CE (paired)", "FAIL", 1.05),
         ("RDRLoss cpu (128, 100, 64): default args / CE (paired)", "pass", 1.4),
+        ("loss cpu B256-C1000: weighted_loss op fwd+bwd / bare kernel (paired)", "pass", 1.6),
         ("SAM cuda ce: fused SAM / SGD step (paired)", "pass", 1.9),
         ("SAM cuda ce: min(sam_k, looksam) / SGD step (paired)", "pass", 1.25),
         ("SAM cuda rdr: fused SAM / SGD step (paired)", "FAIL", 2.1),
