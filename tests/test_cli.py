@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gc
 import importlib
 import importlib.util
 import json
@@ -317,8 +318,13 @@ def run_in_child(argv: list, cwd: str, tmp_path, timeout: float = 60) -> Finishe
         return python_m(argv, cwd)
     paths = [str(tmp_path / "child.stdout"), str(tmp_path / "child.stderr")]
     fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for path in paths]
+    # Objects of earlier tests that are garbage but not yet collected (a DALI pipeline, whose
+    # worker threads do not survive fork) are freed here, in the process that owns them;
+    # the child never collects what it inherits (gc.freeze), so no such destructor runs there.
+    gc.collect()
     pid = os.fork()
     if pid == 0:
+        gc.freeze()
         status = 1
         try:
             status = _python_m_child(argv, cwd, *fds)

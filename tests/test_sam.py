@@ -269,12 +269,15 @@ def test_rdr_sam_reuses_first_pass_weights_and_updates_prototypes_once(monkeypat
     model, crit, x, y = setup("rdr")
     before_model, before_crit = copy.deepcopy(model), copy.deepcopy(crit)
     seen_weights = []
-    real_op = functional.loss_from_weights
 
-    def spy(logits, labels, weights, **kwargs):
-        seen_weights.append(weights.clone())
-        return real_op(logits, labels, weights, **kwargs)
-    monkeypatch.setattr(functional, "loss_from_weights", spy)
+    def spy(real_op):
+        def loss(logits, labels, weights, *args, **kwargs):
+            seen_weights.append(weights.clone())
+            return real_op(logits, labels, weights, *args, **kwargs)
+        return loss
+    # Every weighted loss goes through this one: RDRLoss.forward's (the first pass, its
+    # inputs checked up front) and loss_from_weights' (the second pass).
+    monkeypatch.setattr(functional, "loss_from_weights_unchecked", spy(functional.loss_from_weights_unchecked))
     opt = make("sam", model)
     step0 = int(crit.step)
     train_step(opt, model, crit, x, y)
