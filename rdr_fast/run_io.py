@@ -117,10 +117,13 @@ def save_checkpoint(folder: str, state: dict, name: str = CHECKPOINT) -> None:
     atomic_write(os.path.join(folder, name), lambda f: torch.save(state, f))
 
 
-def load_checkpoint(folder: str, identity: dict | None = None, name: str = CHECKPOINT) -> dict:
+def load_checkpoint(folder: str, identity: dict | None = None, name: str = CHECKPOINT,
+                    implied: dict | None = None) -> dict:
     """Load folder/name with torch.load(weights_only=True), so that a file holding
     pickled Python objects is refused instead of run; with `identity`, check the file
     belongs to the experiment it describes (dataset, model, class counts, ...).
+    `implied`: the values of identity keys added after a checkpoint was written, as
+    checkpoints from before held them implicitly (compared in their place).
     CheckpointError otherwise."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
@@ -139,7 +142,9 @@ def load_checkpoint(folder: str, identity: dict | None = None, name: str = CHECK
     saved = state.get("identity") if isinstance(state, dict) else None
     if saved is None:
         raise CheckpointError(f"{path} is not an rdr_fast training checkpoint")
-    # A key the checkpoint lacks was added to the identity after it was written: not compared.
+    # A key the checkpoint lacks was added to the identity after it was written: compared
+    # with the value it implied, when one is known, and otherwise not at all.
+    saved = {**(implied or {}), **saved}
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in (identity or {}).items()
              if k in saved and saved[k] != v]
     if diffs:

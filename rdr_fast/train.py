@@ -296,10 +296,17 @@ def best_row(history: list[dict]) -> dict:
 
 def identity(cfg: Config, ds) -> dict:
     """What a checkpoint must agree on to be resumed: the settings of IDENTITY_FIELDS, the
-    class counts and the classes (the original label of each index, the label map)."""
+    class counts, the classes (the original label of each index, the label map) and the
+    split best.pt is selected on (a history with val columns cannot go on without them)."""
     classes = sorted(ds.label_map, key=ds.label_map.get)
     return {**{f: getattr(cfg, f) for f in IDENTITY_FIELDS}, "class_counts": [int(n) for n in ds.class_counts],
-            "classes": classes}
+            "classes": classes, "selected_on": selected_on(ds)}
+
+
+# What checkpoints written before these identity keys existed were: one recipe, torch's
+# cosine schedule, the exponential profile, selection on the test set.
+IMPLIED_IDENTITY = {"imb_type": "exp", "recipe": "paper", "lr_schedule": "cosine", "lr_warmup_epochs": 0,
+                    "lr_milestones": None, "selected_on": "test"}
 
 
 def load_run_dataset(cfg: Config):
@@ -315,7 +322,7 @@ def restore(cfg, ds, ctx, model, criterion, optimizer, scheduler):
     """Load the run's checkpoint into the objects; returns (next epoch, metric history).
     Each rank takes its own saved RNG state; with another world size than the saved
     run's, RNGs are re-seeded from (seed, epoch, rank) instead."""
-    state = run_io.load_checkpoint(cfg.out, identity(cfg, ds))
+    state = run_io.load_checkpoint(cfg.out, identity(cfg, ds), implied=IMPLIED_IDENTITY)
     for obj, key in ((model, "model"), (criterion, "criterion"), (optimizer, "optimizer"),
                      (scheduler, "scheduler")):
         obj.load_state_dict(state[key])

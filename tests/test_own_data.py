@@ -119,6 +119,17 @@ def test_folder_counts_order_label_map_selection_on_val_and_resume(tree, tmp_pat
     assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_a_validation_split_that_appeared_since_the_run_started_is_refused_on_resume(tmp_path):
+    """A history without val columns cannot go on with them (nor the reverse): one line."""
+    root = make_folder(tmp_path / "tree", splits=(("train", TRAIN), ("test", TEST)))
+    out = tmp_path / "run"
+    assert not train_run(out, "--dataset", "folder", "--data-root", root, "--epochs", "2", "--stop-after", "1")["finished"]
+    make_folder(tmp_path / "tree", splits=(("val", VAL),))
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--resume", str(out), "--quiet"])
+    assert "belongs to another experiment" in str(exc.value) and "selected_on: checkpoint 'test' vs now 'val'" in str(exc.value)
+
+
 def test_best_row_follows_the_validation_columns():
     history = [{"epoch": 1, "acc_all": 90.0, "val_acc_all": 10.0}, {"epoch": 2, "acc_all": 10.0, "val_acc_all": 90.0}]
     assert train.best_row(history)["epoch"] == 2

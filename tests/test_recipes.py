@@ -180,3 +180,26 @@ def test_official_run_end_to_end_and_resumed(tmp_path):
     with pytest.raises(SystemExit) as exc:     # another schedule cannot take over a run
         train.main(["--resume", out_b, "--quiet", "--lr-warmup-epochs", "1"])
     assert "belongs to another experiment" in str(exc.value) and "lr_warmup_epochs" in str(exc.value)
+
+
+def test_a_checkpoint_from_before_the_recipes_resumes_and_refuses_another_schedule(tmp_path):
+    """A checkpoint whose identity predates the recipe keys held one recipe implicitly
+    (train.IMPLIED_IDENTITY): it resumes as it was, and another schedule is refused with
+    one line instead of failing on the scheduler's saved state."""
+    out = str(tmp_path / "old")
+    train.main(["--epochs", "2", "--stop-after", "1", "--batch-size", "64", "--quiet", "--device", "cpu",
+                "--out", out])
+    path = os.path.join(out, "checkpoint.pt")
+    state = torch.load(path, weights_only=True)
+    for key in train.IMPLIED_IDENTITY:
+        state["identity"].pop(key)
+    torch.save(state, path)
+    config = json.load(open(os.path.join(out, "config.json")))
+    for key in ("recipe", "lr_schedule", "lr_warmup_epochs", "lr_milestones", "imb_type"):
+        config.pop(key)
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    for flags, wrong in ((["--recipe", "official"], "recipe"), (["--lr-schedule", "step"], "lr_schedule")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--resume", out, "--quiet", *flags])
+        assert "belongs to another experiment" in str(exc.value) and wrong in str(exc.value)
+    assert train.main(["--resume", out, "--quiet"])["finished"]
