@@ -71,10 +71,9 @@ def check_count(name: str, value, low: int) -> int:
     return int(value)
 
 
-def as_labels(labels, batch: int, num_classes: int, data_checks: bool, *, name: str = "labels",
-              batch_of: str = "features", classes_of: str = "the prototypes") -> torch.Tensor:
-    """``labels`` checked against the batch (the rows of ``batch_of``) and the classes (of
-    ``classes_of``), as int64 (a copy unless it was)."""
+def as_labels(labels, batch: int, *, name: str = "labels", batch_of: str = "features") -> torch.Tensor:
+    """``labels`` checked against the batch (the rows of ``batch_of``), as int64 (a copy
+    unless it was). Their range is a data check: check_label_range, or data_ok's pass."""
     check_tensor(name, labels, 1)
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
@@ -82,10 +81,7 @@ def as_labels(labels, batch: int, num_classes: int, data_checks: bool, *, name: 
         raise ValueError(f"{name} has {labels.shape[0]} entries but {batch_of} has {batch} rows")
     if batch == 0:
         raise ValueError(f"the batch is empty: {batch_of} and {name} have 0 samples")
-    labels = labels.to(torch.int64)
-    if data_checks:
-        check_label_range(labels, num_classes, name=name, classes_of=classes_of)
-    return labels
+    return labels.to(torch.int64)
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int, *, name: str = "labels",

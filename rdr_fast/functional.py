@@ -185,11 +185,11 @@ def _checked_state_inputs(features, labels, prototypes, seen, validate) -> torch
     _checks.check_features(features, prototypes.shape[1], width_name="the prototypes' width")
     _checks.check_tensor("labels", labels, 1)
     data_checks = _checks.wants_data_checks(validate, features, labels)
-    labels = _checks.as_labels(labels, features.shape[0], len(prototypes), False)
+    labels = _checks.as_labels(labels, features.shape[0])
     _checks.check_same_device(features=features, labels=labels, prototypes=prototypes, seen=seen)
     # Only the prototype rows of the batch's classes are read (and checked): O(B·K), not O(C·K).
-    limit = _checks.feature_limit(features, prototypes)
-    if data_checks and not _checks.data_ok(labels, len(prototypes), (features,), (limit,), prototypes):
+    if data_checks and not _checks.data_ok(labels, len(prototypes), (features,),
+                                           (_checks.feature_limit(features, prototypes),), prototypes):
         _checks.check_label_range(labels, len(prototypes))
         _checks.check_feature_scale(features, prototypes)
         _checks.check_finite_rows("prototypes", prototypes, labels)
@@ -207,8 +207,7 @@ def _checked_loss_inputs(logits, labels, weights, logit_adjust, validate) -> tor
         if len(logit_adjust) != logits.shape[1]:
             raise ValueError(f"logit_adjust has {len(logit_adjust)} entries but logits have {logits.shape[1]} classes")
     data_checks = _checks.wants_data_checks(validate, logits, labels, weights)
-    labels = _checks.as_labels(labels, logits.shape[0], logits.shape[1], False, batch_of="logits",
-                               classes_of="the logits' columns")
+    labels = _checks.as_labels(labels, logits.shape[0], batch_of="logits")
     _checks.check_same_device(logits=logits, labels=labels, weights=weights, logit_adjust=logit_adjust)
     named = {"logits": logits, "weights": weights, "logit_adjust": logit_adjust}
     named = {name: value for name, value in named.items() if value is not None}

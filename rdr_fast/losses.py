@@ -148,8 +148,7 @@ class RDRLoss(nn.Module):
         _checks.check_features(features, prototypes.shape[1], batch=logits.shape[0])
         _checks.check_tensor("targets", targets, 1)
         data_checks = _checks.wants_data_checks(self.validate, features, logits, targets)
-        targets = _checks.as_labels(targets, logits.shape[0], num_classes, False, name="targets",
-                                    batch_of="logits", classes_of="class_counts")
+        targets = _checks.as_labels(targets, logits.shape[0], name="targets", batch_of="logits")
         _checks.check_same_device(features=features, logits=logits, targets=targets, prototypes=prototypes)
         if data_checks and not _checks.data_ok(targets, num_classes, (features, logits),
                                                (_checks.feature_limit(features, prototypes), math.inf)):
