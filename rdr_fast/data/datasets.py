@@ -18,7 +18,6 @@ BASIC_AUGMENT_ONLY = ("digits_lt",)           # 8x8 images of values 0..16: no A
 # Image files named by list files or folders: a data root is required, nothing downloads,
 # crops of image_size, a validation split where the source has one.
 FILE_LISTS = ("imagenet_lt", "places_lt", "inat2018", "folder", "list")
-OWN_DATA = ("folder", "list")                 # the user's own layout, not a published benchmark
 # The side of the square images each in-memory dataset gives a model (the image-file
 # datasets: their --image-size).
 IMAGE_SIZES = {"digits_lt": 8, "fmnist_lt": 28, "cifar10_lt": 32, "cifar100_lt": 32}
