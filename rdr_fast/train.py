@@ -393,18 +393,14 @@ def main(argv=None) -> dict:
     try:
         cfg = configure(argv)
     except UsageError as exc:
-        message = f"error: {_one_line(exc)}"
-        print(message, file=sys.stderr)
-        raise Refused(message) from None
+        raise _refused(exc) from None
     try:
         if cfg.resume and cfg.export:
             return export_run(cfg)
         try:  # data that cannot be used is refused like a bad flag: before anything is written
             ds = load_run_dataset(cfg)
         except DataNotFoundError as exc:
-            message = f"error: {_one_line(exc)}"
-            print(message, file=sys.stderr)
-            raise Refused(message) from None
+            raise _refused(exc) from None
         return run(cfg, ds)
     except Exception as exc:
         compile_failed = cfg.compile and _compile_failure(exc)
@@ -414,6 +410,13 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: --compile: torch.compile failed at the first step "
                              f"({_first_paragraph(exc)}); run without --compile") from None
         raise SystemExit(f"error: {_one_line(exc)}") from None
+
+
+def _refused(exc: BaseException) -> Refused:
+    """The refusal of a bad flag or unusable data: its `error:` line printed on stderr."""
+    message = f"error: {_one_line(exc)}"
+    print(message, file=sys.stderr)
+    return Refused(message)
 
 
 def _compile_failure(exc: BaseException) -> bool:
